@@ -1,0 +1,168 @@
+"""The network contract a Raft core asks of any transport, after Openraft's ``RaftNetwork``.
+
+One ``RaftNetwork`` talks to one target node; a ``RaftNetworkFactory`` builds them.
+The HTTP transport (``raft_http.client``) implements it, and so does the in-memory
+network in ``raft_http.testing``: the core knows nothing else about the wire.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import random
+import warnings
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, field
+
+from .errors import ReplicationClosed
+from .types import (
+    AppendEntriesRequest,
+    AppendEntriesResponse,
+    InstallSnapshotRequest,
+    InstallSnapshotResponse,
+    Node,
+    Snapshot,
+    SnapshotResponse,
+    Vote,
+    VoteRequest,
+    VoteResponse,
+)
+
+DEFAULT_SNAPSHOT_CHUNK_SIZE = 3 * 1024 * 1024
+"""Openraft's default ``snapshot_max_chunk_size``: 3 MiB."""
+
+
+@dataclass(frozen=True, slots=True)
+class RPCOption:
+    """Per-call options: the hard deadline (seconds) and the snapshot fragment size.
+
+    ``soft_ttl`` (3/4 of ``hard_ttl``) is the time a transport may spend before it
+    should give up on a step that can be retried within the same call.
+    """
+
+    hard_ttl: float
+    snapshot_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.hard_ttl > 0:
+            raise ValueError(f"hard_ttl must be > 0 seconds, got {self.hard_ttl!r}")
+        if self.snapshot_chunk_size is not None and self.snapshot_chunk_size <= 0:
+            raise ValueError(f"snapshot_chunk_size must be > 0, got {self.snapshot_chunk_size!r}")
+
+    @property
+    def soft_ttl(self) -> float:
+        return self.hard_ttl * 3 / 4
+
+    @property
+    def chunk_size(self) -> int:
+        """The snapshot fragment size in force: the option's, or 3 MiB."""
+        return self.snapshot_chunk_size or DEFAULT_SNAPSHOT_CHUNK_SIZE
+
+
+@dataclass(slots=True)
+class Backoff:
+    """An infinite iterator of sleep durations (seconds) before each retry of an unreachable node.
+
+    Build one with ``Backoff.constant`` or ``Backoff.exponential``; the core builds a
+    fresh one after every success, so the sequence restarts.
+    """
+
+    _durations: Iterator[float] = field(repr=False)
+
+    def __iter__(self) -> Iterator[float]:
+        return self
+
+    def __next__(self) -> float:
+        return next(self._durations)
+
+    @classmethod
+    def constant(cls, seconds: float = 0.5) -> Backoff:
+        if seconds < 0:
+            raise ValueError("a backoff cannot be negative")
+        return cls(itertools.repeat(seconds))
+
+    @classmethod
+    def exponential(
+        cls,
+        initial: float = 0.05,
+        cap: float = 5.0,
+        *,
+        multiplier: float = 2.0,
+        jitter: float = 0.5,
+        rng: random.Random | None = None,
+    ) -> Backoff:
+        """``initial * multiplier**i``, capped at ``cap``, each shortened by up to ``jitter`` of it.
+
+        Jitter keeps the followers of a restarted leader from retrying in lockstep.
+        """
+        if initial <= 0 or cap < initial or multiplier < 1 or not 0 <= jitter <= 1:
+            raise ValueError("need 0 < initial <= cap, multiplier >= 1 and 0 <= jitter <= 1")
+        rand = rng or random.Random()
+
+        def durations() -> Iterator[float]:
+            delay = initial
+            while True:
+                yield delay * (1 - jitter * rand.random())
+                delay = min(cap, delay * multiplier)
+
+        return cls(durations())
+
+
+class RaftNetwork(abc.ABC):
+    """The connection to one target node.
+
+    Every method raises the errors of ``raft_http.errors``; none raises a
+    transport library's own exception. Cancelling the calling task cancels the
+    RPC and leaves the network usable.
+    """
+
+    @abc.abstractmethod
+    async def append_entries(
+        self, rpc: AppendEntriesRequest, option: RPCOption
+    ) -> AppendEntriesResponse:
+        """Send an AppendEntries RPC (raises ``RPCError``)."""
+
+    @abc.abstractmethod
+    async def vote(self, rpc: VoteRequest, option: RPCOption) -> VoteResponse:
+        """Send a RequestVote RPC (raises ``RPCError``)."""
+
+    @abc.abstractmethod
+    async def full_snapshot(
+        self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: Awaitable[ReplicationClosed],
+        option: RPCOption,
+    ) -> SnapshotResponse:
+        """Send a whole snapshot, fragmented, and return once the target installed it.
+
+        Returns early with the target's vote if that vote is greater than ``vote``.
+        When ``cancel`` completes first the transfer stops and ``Closed`` is raised.
+        Other failures raise ``StreamingError`` subclasses.
+        """
+
+    async def install_snapshot(
+        self, rpc: InstallSnapshotRequest, option: RPCOption
+    ) -> InstallSnapshotResponse:
+        """Send one snapshot fragment (deprecated: use ``full_snapshot``)."""
+        warnings.warn(
+            "install_snapshot is deprecated; use full_snapshot",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        raise NotImplementedError(f"{type(self).__name__} does not implement install_snapshot")
+
+    def backoff(self) -> Backoff:
+        """How long to sleep before each retry after ``Unreachable``; constant 500 ms by default."""
+        return Backoff.constant(0.5)
+
+
+class RaftNetworkFactory(abc.ABC):
+    """Builds one ``RaftNetwork`` per target node; must not connect (connections are lazy)."""
+
+    @abc.abstractmethod
+    def new_client(self, target: int, node: Node) -> RaftNetwork:
+        """A network to ``target`` at ``node``; no I/O happens until the first RPC."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release what the factory holds (sessions, sockets)."""
