@@ -18,7 +18,7 @@ from .errors import (
     Timeout,
     Unreachable,
 )
-from .network import Backoff, RaftNetwork, RaftNetworkFactory, RPCOption
+from .network import Backoff, RaftHandler, RaftNetwork, RaftNetworkFactory, RPCOption
 from .types import (
     AppendEntriesRequest,
     AppendEntriesResponse,
@@ -77,6 +77,7 @@ __all__ = [
     "RPCError",
     "RPCOption",
     "RaftError",
+    "RaftHandler",
     "RaftHttpError",
     "RaftNetwork",
     "RaftNetworkFactory",

@@ -13,6 +13,7 @@ import random
 import warnings
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .errors import ReplicationClosed
 from .types import (
@@ -166,3 +167,28 @@ class RaftNetworkFactory(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the factory holds (sessions, sockets)."""
+
+
+class RaftHandler(Protocol):
+    """The receiving side: what a transport's server hands incoming RPCs to.
+
+    The Raft core implements it. Handlers raise ``raft_http.errors.Fatal`` when
+    the node has stopped; transports report that to the caller as a
+    ``RemoteError``.
+    """
+
+    def current_vote(self) -> Vote:
+        """The node's vote now; lets a server refuse a stale snapshot before reading its body."""
+        ...
+
+    async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse: ...
+
+    async def vote(self, rpc: VoteRequest) -> VoteResponse: ...
+
+    async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
+        """Install a complete snapshot received from the leader of ``vote``.
+
+        ``snapshot.data`` is only valid during the call: the handler copies what it keeps.
+        Answers its own vote; a vote greater than ``vote`` means the snapshot was refused.
+        """
+        ...

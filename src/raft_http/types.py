@@ -240,7 +240,7 @@ class SnapshotResponse(Struct, frozen=True):
 
 
 class InstallSnapshotRequest(Struct, frozen=True):
-    """One fragment of a snapshot (the deprecated per-chunk protocol); ``data`` is base64 in JSON."""
+    """One fragment of a snapshot (deprecated per-chunk protocol); ``data`` is base64 in JSON."""
 
     vote: Vote
     meta: SnapshotMeta

@@ -49,8 +49,7 @@ class LogStore(Protocol):
         """Remember how far the log is known committed; need not be fsynced."""
         ...
 
-    async def get_log_state(self) -> LogState:
-        ...
+    async def get_log_state(self) -> LogState: ...
 
     async def read_entries(self, start: int, stop: int) -> list[Entry]:
         """Entries with ``start <= index < stop`` that are stored, in index order."""
@@ -68,8 +67,7 @@ class LogStore(Protocol):
         """Delete every entry with ``index <= upto.index`` and remember ``upto`` as last purged."""
         ...
 
-    async def close(self) -> None:
-        ...
+    async def close(self) -> None: ...
 
 
 class StateMachine(Protocol):
