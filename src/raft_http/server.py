@@ -1,0 +1,521 @@
+"""The receiving side of the HTTP transport: an aiohttp app that hands Raft RPCs to a handler.
+
+``raft_app(handler)`` runs alone (``web.run_app(raft_app(h))``) or mounts into any
+app (``app.add_subapp("/raft", raft_app(h))``). The wire protocol is in
+docs/protocol.md. The app enforces its own body limits while reading, because a
+host app's ``client_max_size`` neither applies to streamed reads nor to a sub-app,
+and every error it can answer is JSON with an honest status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NoReturn, TypeVar
+
+import msgspec
+from aiohttp import ClientPayloadError, hdrs, web
+from aiohttp.typedefs import Middleware
+
+from .errors import APIError, Fatal, RaftError, SnapshotMismatch
+from .network import RaftHandler
+from .spool import OffsetMismatch, SnapshotSpool, SpoolLease, SpoolLost
+from .types import (
+    APPEND_ENTRIES_REQUEST,
+    APPEND_ENTRIES_RESPONSE,
+    ERROR_BODY,
+    INSTALL_SNAPSHOT_REQUEST,
+    INSTALL_SNAPSHOT_RESPONSE,
+    SNAPSHOT_META,
+    SNAPSHOT_RESPONSE,
+    VOTE,
+    VOTE_REQUEST,
+    VOTE_RESPONSE,
+    ErrorBody,
+    ErrorDetail,
+    InstallSnapshotResponse,
+    JsonCodec,
+    Snapshot,
+    SnapshotMeta,
+    SnapshotResponse,
+    Vote,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_READ_CHUNK_SIZE",
+    "RAFT_HANDLER",
+    "SERVER_CONFIG",
+    "SNAPSHOT_SPOOL",
+    "RaftHandler",
+    "ServerConfig",
+    "raft_app",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_SIZE: Final = 64 * 1024 * 1024
+DEFAULT_READ_CHUNK_SIZE: Final = 256 * 1024
+
+H_CLUSTER: Final = "Raft-Cluster"
+H_VOTE: Final = "Raft-Vote"
+H_META: Final = "Raft-Snapshot-Meta"
+H_SIZE: Final = "Raft-Snapshot-Size"
+H_OFFSET: Final = "Raft-Snapshot-Offset"
+H_ID: Final = "Raft-Snapshot-Id"
+
+JSON: Final = "application/json"
+OCTETS: Final = "application/octet-stream"
+
+_COUNT = re.compile(r"[0-9]{1,19}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """What ``raft_app`` was configured with (read-only, under ``SERVER_CONFIG``)."""
+
+    token: str | None
+    cluster: str | None
+    max_body_size: int
+    read_chunk_size: int
+    spool_idle_timeout: float
+
+
+RAFT_HANDLER: Final = web.AppKey("raft_handler", RaftHandler)
+SNAPSHOT_SPOOL: Final = web.AppKey("raft_snapshot_spool", SnapshotSpool)
+SERVER_CONFIG: Final = web.AppKey("raft_server_config", ServerConfig)
+
+_T = TypeVar("_T")
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# --- errors ------------------------------------------------------------------------
+
+
+class _Problem(Exception):
+    """An answer with an error body; raised anywhere below the middleware."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(kind=kind, message=message, **extra)
+        self.headers = dict(headers or {})
+
+
+def _bad_request(message: str) -> NoReturn:
+    raise _Problem(400, "bad_request", message)
+
+
+_HTTP_KINDS: Final = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _error_response(request: web.Request, problem: _Problem) -> web.Response:
+    resp = web.Response(
+        status=problem.status,
+        body=ERROR_BODY.encode(ErrorBody(problem.detail)),
+        content_type=JSON,
+        headers=problem.headers,
+    )
+    if request.body_exists and not request.content.is_eof():
+        resp.force_close()  # the unread rest of the body is not worth keeping the connection
+    return resp
+
+
+def _json(codec: JsonCodec[_T], value: _T) -> web.Response:
+    return web.Response(body=codec.encode(value), content_type=JSON)
+
+
+def _segment(snapshot_id: str, offset: int) -> dict[str, Any]:
+    return {"snapshot_id": snapshot_id, "offset": offset}
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Turn every failure into a JSON error body with an honest status."""
+    try:
+        return await handler(request)
+    except _Problem as problem:
+        return _error_response(request, problem)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = _HTTP_KINDS.get(exc.status, "http_error")
+        headers: dict[str, str] = {}
+        if exc.status == 405 and hdrs.ALLOW in exc.headers:
+            headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+        return _error_response(
+            request, _Problem(exc.status, kind, exc.reason or kind, headers=headers)
+        )
+    except Fatal as exc:
+        return _error_response(request, _Problem(503, "fatal", exc.reason))
+    except SnapshotMismatch as exc:
+        return _error_response(
+            request,
+            _Problem(
+                409,
+                "snapshot_mismatch",
+                str(exc),
+                expect=_segment(*exc.expect),
+                got=_segment(*exc.got),
+            ),
+        )
+    except APIError as exc:
+        return _error_response(request, _Problem(503, "raft_error", f"{exc.kind}: {exc.message}"))
+    except RaftError as exc:
+        return _error_response(request, _Problem(503, "raft_error", f"{type(exc).__name__}: {exc}"))
+    except (ConnectionError, ClientPayloadError) as exc:
+        # The peer is gone (or garbled its body): nobody will read this answer.
+        log.info("%s %s: connection lost while reading: %s", request.method, request.path, exc)
+        return _error_response(request, _Problem(400, "bad_request", "connection lost"))
+    except Exception:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return _error_response(
+            request, _Problem(500, "internal", "internal server error (see the server log)")
+        )
+
+
+def _auth_middleware(token: str | None, cluster: str | None) -> Middleware:
+    expected = f"Bearer {token}".encode() if token is not None else None
+    cluster_bytes = cluster.encode() if cluster is not None else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """Authorization before cluster, both before anything else (even a 404)."""
+        if expected is not None:
+            given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
+                raise _Problem(
+                    401,
+                    "unauthorized",
+                    "missing or wrong bearer token",
+                    headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="raft"'},
+                )
+        if cluster_bytes is not None:
+            given_cluster = request.headers.get(H_CLUSTER)
+            if given_cluster is None or not hmac.compare_digest(
+                given_cluster.encode("utf-8", "surrogateescape"), cluster_bytes
+            ):
+                raise _Problem(
+                    412,
+                    "cluster_mismatch",
+                    f"this node serves cluster {cluster!r}, request says {given_cluster!r}",
+                )
+        return await handler(request)
+
+    return auth
+
+
+# --- reading -----------------------------------------------------------------------
+
+
+def _require_content_type(request: web.Request, *allowed: str) -> str:
+    ctype = request.content_type
+    if ctype not in allowed:
+        got = request.headers.get(hdrs.CONTENT_TYPE, "none")
+        raise _Problem(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be {' or '.join(allowed)}, got {got}",
+        )
+    return ctype
+
+
+def _too_large(limit: int) -> _Problem:
+    return _Problem(413, "payload_too_large", f"request body exceeds {limit} bytes", limit=limit)
+
+
+async def _read_limited(request: web.Request, config: ServerConfig) -> bytes:
+    """The whole (small) body, refusing as soon as it passes ``max_body_size``."""
+    limit = config.max_body_size
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for piece in request.content.iter_chunked(config.read_chunk_size):
+        body += piece
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+def _decode(codec: JsonCodec[_T], body: bytes) -> _T:
+    try:
+        return codec.decode(body)
+    except msgspec.DecodeError as exc:  # ValidationError too: its message names the path
+        _bad_request(str(exc))
+
+
+def _header(request: web.Request, name: str) -> str:
+    value = request.headers.get(name)
+    if value is None:
+        _bad_request(f"missing header {name}")
+    return value
+
+
+def _header_json(request: web.Request, name: str, codec: JsonCodec[_T]) -> _T:
+    value = _header(request, name)
+    try:
+        return codec.decode(value)
+    except msgspec.DecodeError as exc:
+        _bad_request(f"invalid header {name}: {exc}")
+
+
+def _header_count(request: web.Request, name: str) -> int:
+    value = _header(request, name).strip()
+    if not _COUNT.fullmatch(value):
+        _bad_request(f"invalid header {name}: expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
+# --- routes ------------------------------------------------------------------------
+
+
+class _Routes:
+    """The route handlers of one app; state lives in the app under its ``AppKey``s."""
+
+    @staticmethod
+    async def append(request: web.Request) -> web.Response:
+        _require_content_type(request, JSON)
+        body = await _read_limited(request, request.app[SERVER_CONFIG])
+        rpc = _decode(APPEND_ENTRIES_REQUEST, body)
+        return _json(APPEND_ENTRIES_RESPONSE, await request.app[RAFT_HANDLER].append_entries(rpc))
+
+    @staticmethod
+    async def vote(request: web.Request) -> web.Response:
+        _require_content_type(request, JSON)
+        body = await _read_limited(request, request.app[SERVER_CONFIG])
+        rpc = _decode(VOTE_REQUEST, body)
+        return _json(VOTE_RESPONSE, await request.app[RAFT_HANDLER].vote(rpc))
+
+    @staticmethod
+    async def snapshot_offset(request: web.Request) -> web.Response:
+        snapshot_id = _header(request, H_ID)
+        held = request.app[SNAPSHOT_SPOOL].held(snapshot_id)
+        return web.Response(status=200, headers={H_OFFSET: str(held)})
+
+    @staticmethod
+    async def snapshot(request: web.Request) -> web.Response:
+        if _require_content_type(request, OCTETS, JSON) == JSON:
+            return await _Routes.snapshot_chunk(request)
+        return await _Routes.snapshot_stream(request)
+
+    @staticmethod
+    async def snapshot_stream(request: web.Request) -> web.Response:
+        vote = _header_json(request, H_VOTE, VOTE)
+        meta = _header_json(request, H_META, SNAPSHOT_META)
+        size = _header_count(request, H_SIZE)
+        offset = _header_count(request, H_OFFSET)
+        if offset > size:
+            _bad_request(f"{H_OFFSET} {offset} is past {H_SIZE} {size}")
+        handler = request.app[RAFT_HANDLER]
+        current = handler.current_vote()
+        if not vote >= current:
+            # Refused without reading a byte: the sender must step down, not resend.
+            return _json(SNAPSHOT_RESPONSE, SnapshotResponse(current))
+
+        spool = request.app[SNAPSHOT_SPOOL]
+        sid = meta.snapshot_id
+        try:
+            lease = await spool.claim(sid, offset)
+        except OffsetMismatch as exc:
+            raise _Problem(
+                409,
+                "offset_mismatch",
+                str(exc),
+                expected_offset=exc.expected,
+                headers={H_OFFSET: str(exc.expected)},
+            ) from None
+        remaining = size - offset
+        declared = request.content_length
+        if declared is not None and declared != remaining:
+            await spool.remove(sid, lease)
+            raise _size_mismatch(sid, size, offset, f"Content-Length is {declared}")
+        received = await _spool_body(request, lease, remaining)
+        if received != remaining:
+            await spool.remove(sid, lease)
+            raise _size_mismatch(sid, size, offset, f"the body ended after {received} bytes")
+        return _json(SNAPSHOT_RESPONSE, await _install(request, lease, vote, meta))
+
+    @staticmethod
+    async def snapshot_chunk(request: web.Request) -> web.Response:
+        """The deprecated per-chunk protocol (Openraft's ``install_snapshot``)."""
+        body = await _read_limited(request, request.app[SERVER_CONFIG])
+        rpc = _decode(INSTALL_SNAPSHOT_REQUEST, body)
+        handler = request.app[RAFT_HANDLER]
+        current = handler.current_vote()
+        if not rpc.vote >= current:
+            return _json(INSTALL_SNAPSHOT_RESPONSE, InstallSnapshotResponse(current))
+        spool = request.app[SNAPSHOT_SPOOL]
+        sid = rpc.meta.snapshot_id
+        try:
+            if rpc.offset != 0 and sid not in spool.snapshot_ids():
+                held = spool.latest() or (sid, 0)
+                raise SnapshotMismatch(held, (sid, rpc.offset))
+            try:
+                lease = await spool.claim(sid, rpc.offset)
+            except OffsetMismatch as exc:
+                raise SnapshotMismatch((sid, exc.expected), (sid, rpc.offset)) from None
+            if rpc.data:
+                await spool.append(lease, rpc.data)
+        except SpoolLost:
+            raise SnapshotMismatch(spool.latest() or (sid, 0), (sid, rpc.offset)) from None
+        if rpc.done:
+            answer = await _install(request, lease, rpc.vote, rpc.meta)
+            return _json(INSTALL_SNAPSHOT_RESPONSE, InstallSnapshotResponse(answer.vote))
+        return _json(INSTALL_SNAPSHOT_RESPONSE, InstallSnapshotResponse(handler.current_vote()))
+
+
+def _size_mismatch(sid: str, size: int, offset: int, what: str) -> _Problem:
+    return _Problem(
+        400,
+        "size_mismatch",
+        f"snapshot {sid!r}: expected {size - offset} body bytes "
+        f"({H_SIZE} {size} - {H_OFFSET} {offset}), {what}; partial snapshot deleted",
+    )
+
+
+class _Overlong(Exception):
+    pass
+
+
+async def _spool_body(request: web.Request, lease: SpoolLease, remaining: int) -> int:
+    """Write the body to the spool as it arrives; returns the bytes received.
+
+    Stops at the first byte past ``remaining`` (returns more than ``remaining``).
+    A dropped connection keeps what arrived, for a resume.
+    """
+    spool = request.app[SNAPSHOT_SPOOL]
+    chunk = request.app[SERVER_CONFIG].read_chunk_size
+    written = 0
+    pending = bytearray()
+    try:
+        try:
+            async for piece in request.content.iter_chunked(chunk):
+                if written + len(pending) + len(piece) > remaining:
+                    raise _Overlong
+                pending += piece
+                if len(pending) >= chunk:
+                    await spool.append(lease, pending)
+                    written += len(pending)
+                    pending = bytearray()
+        except (ConnectionError, ClientPayloadError):
+            if pending:
+                await spool.append(lease, pending)
+            log.info(
+                "snapshot %r: connection lost; %d bytes held for resume",
+                lease.snapshot_id,
+                spool.held(lease.snapshot_id),
+            )
+            raise
+        if pending:
+            await spool.append(lease, pending)
+            written += len(pending)
+    except _Overlong:
+        return remaining + 1
+    except SpoolLost:
+        held = spool.held(lease.snapshot_id)
+        raise _Problem(
+            409,
+            "offset_mismatch",
+            f"snapshot {lease.snapshot_id!r}: this upload was superseded or expired",
+            expected_offset=held,
+            headers={H_OFFSET: str(held)},
+        ) from None
+    return written
+
+
+async def _install(
+    request: web.Request, lease: SpoolLease, vote: Vote, meta: SnapshotMeta
+) -> SnapshotResponse:
+    """Hand the completed spool to the handler, then delete it whatever the outcome."""
+    spool = request.app[SNAPSHOT_SPOOL]
+    try:
+        data = await spool.open_for_install(lease)
+    except SpoolLost:
+        held = spool.held(lease.snapshot_id)
+        raise _Problem(
+            409,
+            "offset_mismatch",
+            f"snapshot {lease.snapshot_id!r}: this upload was superseded or expired",
+            expected_offset=held,
+            headers={H_OFFSET: str(held)},
+        ) from None
+    try:
+        return await request.app[RAFT_HANDLER].install_full_snapshot(vote, Snapshot(meta, data))
+    finally:
+        await asyncio.to_thread(data.close)
+        await spool.remove(lease.snapshot_id, lease)
+
+
+# --- the app -----------------------------------------------------------------------
+
+
+def raft_app(
+    handler: RaftHandler,
+    *,
+    token: str | None = None,
+    cluster: str | None = None,
+    spool_dir: str | Path | None = None,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE,
+    spool_idle_timeout: float = 300.0,
+) -> web.Application:
+    """An aiohttp app serving the Raft routes for ``handler``; mount it or run it alone.
+
+    ``token``: require ``Authorization: Bearer <token>``. ``cluster``: require a
+    matching ``Raft-Cluster`` header. ``spool_dir``: where partial snapshot uploads
+    live (a temp dir removed at cleanup if None). ``max_body_size`` bounds JSON
+    bodies; ``read_chunk_size`` is the read and write unit of snapshot bodies;
+    ``spool_idle_timeout`` drops a partial upload that made no progress that long.
+    """
+    if max_body_size <= 0 or read_chunk_size <= 0:
+        raise ValueError("max_body_size and read_chunk_size must be > 0")
+    config = ServerConfig(
+        token=token,
+        cluster=cluster,
+        max_body_size=max_body_size,
+        read_chunk_size=read_chunk_size,
+        spool_idle_timeout=spool_idle_timeout,
+    )
+    spool = SnapshotSpool(spool_dir, idle_timeout=spool_idle_timeout)
+    app = web.Application(middlewares=[_errors_middleware, _auth_middleware(token, cluster)])
+    app[RAFT_HANDLER] = handler
+    app[SNAPSHOT_SPOOL] = spool
+    app[SERVER_CONFIG] = config
+
+    async def spool_lifetime(app: web.Application) -> AsyncIterator[None]:
+        await spool.start()
+        reaper = asyncio.create_task(spool.run_reaper(), name="raft-snapshot-spool-reaper")
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await spool.close()
+
+    app.cleanup_ctx.append(spool_lifetime)
+    app.router.add_post("/append", _Routes.append)
+    app.router.add_post("/vote", _Routes.vote)
+    app.router.add_post("/snapshot", _Routes.snapshot)
+    app.router.add_route("HEAD", "/snapshot", _Routes.snapshot_offset)
+    return app

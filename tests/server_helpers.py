@@ -1,0 +1,175 @@
+"""Shared helpers for the server tests: a recording RaftHandler and wire builders."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from raft_http.types import (
+    SNAPSHOT_META,
+    VOTE,
+    AppendEntriesRequest,
+    AppendEntriesResponse,
+    HigherVote,
+    LeaderId,
+    LogId,
+    Membership,
+    Node,
+    Snapshot,
+    SnapshotMeta,
+    SnapshotResponse,
+    StoredMembership,
+    Success,
+    Vote,
+    VoteRequest,
+    VoteResponse,
+)
+
+
+def vote(term: int, node: int = 1, committed: bool = True) -> Vote:
+    return Vote(LeaderId(term, node), committed)
+
+
+def log_id(term: int, index: int, node: int = 1) -> LogId:
+    return LogId(LeaderId(term, node), index)
+
+
+def snapshot_meta(snapshot_id: str = "snap-1", index: int = 10) -> SnapshotMeta:
+    membership = Membership(
+        configs=[[1, 2, 3]], nodes={i: Node(f"127.0.0.1:{9000 + i}") for i in (1, 2, 3)}
+    )
+    return SnapshotMeta(
+        last_log_id=log_id(1, index),
+        last_membership=StoredMembership(log_id(1, 1), membership),
+        snapshot_id=snapshot_id,
+    )
+
+
+def ascii_json(encoded: bytes) -> str:
+    """JSON for a header: non-ASCII escaped as \\uXXXX, as the protocol asks."""
+    return json.dumps(json.loads(encoded), separators=(",", ":"))
+
+
+def snapshot_headers(
+    v: Vote, meta: SnapshotMeta, size: int, offset: int = 0, **extra: str
+) -> dict[str, str]:
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Raft-Vote": ascii_json(VOTE.encode(v)),
+        "Raft-Snapshot-Meta": ascii_json(SNAPSHOT_META.encode(meta)),
+        "Raft-Snapshot-Size": str(size),
+        "Raft-Snapshot-Offset": str(offset),
+    }
+    headers.update(extra)
+    return headers
+
+
+DATA_BLOCK = 64 * 1024
+
+
+def pattern_block(i: int, size: int = DATA_BLOCK) -> bytes:
+    """Block ``i`` of the test snapshot (or its first ``size`` bytes): cheap, never repeating."""
+    seed = hashlib.sha256(i.to_bytes(8, "big")).digest()
+    reps, rest = divmod(size, len(seed))
+    return seed * reps + seed[:rest]
+
+
+async def body_stream(
+    total: int, piece: int = DATA_BLOCK, *, start: int = 0, stop: int | None = None
+) -> AsyncIterator[bytes]:
+    """Bytes [start, stop) of the ``total``-byte test snapshot, ``piece`` bytes at a time."""
+    stop = total if stop is None else stop
+    pos = start
+    while pos < stop:
+        n = min(piece, stop - pos)
+        yield snapshot_slice(pos, pos + n)
+        pos += n
+
+
+def snapshot_slice(start: int, stop: int) -> bytes:
+    first, last = start // DATA_BLOCK, (stop - 1) // DATA_BLOCK
+    blocks = b"".join(pattern_block(i) for i in range(first, last + 1))
+    return blocks[start - first * DATA_BLOCK : stop - first * DATA_BLOCK]
+
+
+def snapshot_bytes(total: int) -> bytes:
+    return snapshot_slice(0, total) if total else b""
+
+
+def sha256_of_stream_sync(total: int) -> str:
+    h = hashlib.sha256()
+    for i in range((total + DATA_BLOCK - 1) // DATA_BLOCK):
+        h.update(pattern_block(i, min(DATA_BLOCK, total - i * DATA_BLOCK)))
+    return h.hexdigest()
+
+
+def _digest_file(f: BinaryIO) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    while piece := f.read(1 << 20):
+        h.update(piece)
+        n += len(piece)
+    return h.hexdigest(), n
+
+
+@dataclass
+class Installed:
+    vote: Vote
+    meta: SnapshotMeta
+    sha256: str
+    size: int
+    position_at_start: int
+
+
+@dataclass
+class RecordingHandler:
+    """A RaftHandler that records every call and answers like a follower with ``my_vote``.
+
+    ``fail_with`` makes every RPC raise that exception (e.g. ``Fatal("stopped")``).
+    """
+
+    my_vote: Vote = field(default_factory=lambda: vote(1))
+    fail_with: BaseException | None = None
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    installed: list[Installed] = field(default_factory=list)
+    install_started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def current_vote(self) -> Vote:
+        return self.my_vote
+
+    def _maybe_fail(self) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
+        self.calls.append(("append_entries", rpc))
+        self._maybe_fail()
+        if not rpc.vote >= self.my_vote:
+            return HigherVote(self.my_vote)
+        return Success()
+
+    async def vote(self, rpc: VoteRequest) -> VoteResponse:
+        self.calls.append(("vote", rpc))
+        self._maybe_fail()
+        granted = rpc.vote >= self.my_vote
+        if granted:
+            self.my_vote = rpc.vote
+        return VoteResponse(vote=self.my_vote, vote_granted=granted, last_log_id=None)
+
+    async def install_full_snapshot(self, v: Vote, snapshot: Snapshot) -> SnapshotResponse:
+        self.install_started.set()
+        position = snapshot.data.tell()
+        digest, size = await asyncio.to_thread(_digest_file, snapshot.data)
+        self.calls.append(("install_full_snapshot", (v, snapshot.meta)))
+        self._maybe_fail()
+        self.installed.append(Installed(v, snapshot.meta, digest, size, position))
+        if v >= self.my_vote:
+            self.my_vote = v
+        return SnapshotResponse(self.my_vote)
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]

@@ -1,0 +1,816 @@
+"""The HTTP server against real requests: every route, every error kind, snapshot streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from raft_http.errors import APIError, Fatal, SnapshotMismatch
+from raft_http.server import SNAPSHOT_SPOOL, raft_app
+from raft_http.spool import spool_files
+from raft_http.types import (
+    APPEND_ENTRIES_REQUEST,
+    VOTE_REQUEST,
+    AppendEntriesRequest,
+    Entry,
+    Normal,
+    VoteRequest,
+)
+from server_helpers import (
+    RecordingHandler,
+    body_stream,
+    log_id,
+    sha256_of_stream_sync,
+    snapshot_bytes,
+    snapshot_headers,
+    snapshot_meta,
+    vote,
+)
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def handler() -> RecordingHandler:
+    return RecordingHandler(my_vote=vote(2))
+
+
+@pytest.fixture
+async def make(
+    aiohttp_client: Callable[..., Awaitable[Client]], handler: RecordingHandler, tmp_path: Path
+) -> MakeClient:
+    async def build(**options: Any) -> Client:
+        options.setdefault("spool_dir", tmp_path / "spool")
+        return await aiohttp_client(raft_app(handler, **options))
+
+    return build
+
+
+@pytest.fixture
+async def client(make: MakeClient) -> Client:
+    return await make()
+
+
+def vote_body(term: int = 3) -> bytes:
+    return VOTE_REQUEST.encode(VoteRequest(vote(term, 2, False), log_id(1, 5)))
+
+
+def append_body(term: int = 2) -> bytes:
+    rpc = AppendEntriesRequest(
+        vote=vote(term),
+        prev_log_id=log_id(1, 4),
+        entries=[Entry(log_id(2, 5), Normal(data=msgspec.Raw(b'{"set":["k","v"]}')))],
+        leader_commit=log_id(1, 4),
+    )
+    return APPEND_ENTRIES_REQUEST.encode(rpc)
+
+
+async def error_of(resp: aiohttp.ClientResponse, status: int, kind: str) -> dict[str, Any]:
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert body["error"]["kind"] == kind, body
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
+    return dict(body["error"])
+
+
+async def held(client: Client, snapshot_id: str = "snap-1") -> int:
+    async with client.head("/snapshot", headers={"Raft-Snapshot-Id": snapshot_id}) as resp:
+        assert resp.status == 200
+        return int(resp.headers["Raft-Snapshot-Offset"])
+
+
+# --- /vote and /append ---------------------------------------------------------------
+
+
+async def test_vote_is_handed_to_the_handler_and_answered(
+    client: Client, handler: RecordingHandler
+) -> None:
+    resp = await client.post("/vote", data=vote_body(3), headers=JSON)
+    assert resp.status == 200
+    assert resp.content_type == "application/json"
+    assert await resp.json() == {
+        "vote": {"leader_id": {"term": 3, "node_id": 2}, "committed": False},
+        "vote_granted": True,
+        "last_log_id": None,
+    }
+    assert handler.calls == [("vote", VOTE_REQUEST.decode(vote_body(3)))]
+
+
+async def test_append_passes_entries_through_and_answers_tagged(
+    client: Client, handler: RecordingHandler
+) -> None:
+    resp = await client.post("/append", data=append_body(), headers=JSON)
+    assert resp.status == 200
+    assert await resp.json() == {"type": "success"}
+    [(name, rpc)] = handler.calls
+    assert name == "append_entries"
+    assert rpc == APPEND_ENTRIES_REQUEST.decode(append_body())
+    assert bytes(rpc.entries[0].payload.data) == b'{"set":["k","v"]}'
+
+    stale = await client.post("/append", data=append_body(term=1), headers=JSON)
+    assert await stale.json() == {
+        "type": "higher_vote",
+        "vote": {"leader_id": {"term": 2, "node_id": 1}, "committed": True},
+    }
+
+
+async def test_json_content_type_with_charset_is_accepted(client: Client) -> None:
+    resp = await client.post(
+        "/vote", data=vote_body(), headers={"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert resp.status == 200
+
+
+async def test_malformed_json_is_400(client: Client, handler: RecordingHandler) -> None:
+    for path in ("/vote", "/append"):
+        resp = await client.post(path, data=b'{"vote": ', headers=JSON)
+        err = await error_of(resp, 400, "bad_request")
+        assert "malformed" in err["message"] or "truncated" in err["message"]
+    assert handler.calls == []
+
+
+async def test_invalid_field_is_400_naming_the_path(
+    client: Client, handler: RecordingHandler
+) -> None:
+    body = json.loads(vote_body())
+    body["vote"]["leader_id"]["term"] = -1
+    resp = await client.post("/vote", json=body)
+    err = await error_of(resp, 400, "bad_request")
+    assert "$.vote.leader_id.term" in err["message"]
+
+    body = json.loads(append_body())
+    body["entries"][0]["payload"]["type"] = "nonsense"
+    resp = await client.post("/append", json=body)
+    err = await error_of(resp, 400, "bad_request")
+    assert "$.entries[0].payload" in err["message"]
+    assert handler.calls == []
+
+
+async def test_wrong_content_type_is_415(client: Client, handler: RecordingHandler) -> None:
+    resp = await client.post("/vote", data=vote_body(), headers={"Content-Type": "text/plain"})
+    err = await error_of(resp, 415, "unsupported_media_type")
+    assert "application/json" in err["message"]
+    resp = await client.post("/append", data=append_body())  # no content type at all
+    await error_of(resp, 415, "unsupported_media_type")
+    resp = await client.post("/snapshot", data=b"x", headers={"Content-Type": "text/plain"})
+    await error_of(resp, 415, "unsupported_media_type")
+    assert handler.calls == []
+
+
+async def test_body_over_max_body_size_is_413_json(
+    make: MakeClient, handler: RecordingHandler
+) -> None:
+    client = await make(max_body_size=1000)
+    big = b'{"vote": "' + b"x" * 2000 + b'"}'
+    resp = await client.post("/vote", data=big, headers=JSON)  # Content-Length known
+    err = await error_of(resp, 413, "payload_too_large")
+    assert err["limit"] == 1000
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b" " * 300
+
+    resp = await client.post("/append", data=chunked(), headers=JSON)  # no Content-Length
+    err = await error_of(resp, 413, "payload_too_large")
+    assert err["limit"] == 1000
+    assert handler.calls == []
+    # a body just at the limit passes the size check
+    resp = await client.post("/vote", data=vote_body().ljust(1000), headers=JSON)
+    assert resp.status == 200
+
+
+# --- auth, cluster, routing, handler failures ------------------------------------------
+
+
+async def test_token_is_required_and_compared(make: MakeClient, handler: RecordingHandler) -> None:
+    client = await make(token="s3cret")
+    resp = await client.post("/vote", data=vote_body(), headers=JSON)
+    err = await error_of(resp, 401, "unauthorized")
+    assert "s3cret" not in err["message"]
+    for wrong in ("Bearer nope", "s3cret", "Bearer s3cret2", "Basic s3cret"):
+        resp = await client.post(
+            "/vote", data=vote_body(), headers={**JSON, "Authorization": wrong}
+        )
+        await error_of(resp, 401, "unauthorized")
+    head = await client.head("/snapshot", headers={"Raft-Snapshot-Id": "x"})
+    assert head.status == 401
+    assert handler.calls == []
+    resp = await client.post(
+        "/vote", data=vote_body(), headers={**JSON, "Authorization": "Bearer s3cret"}
+    )
+    assert resp.status == 200
+
+
+async def test_cluster_name_is_required_and_auth_comes_first(
+    make: MakeClient, handler: RecordingHandler
+) -> None:
+    client = await make(token="t", cluster="prod")
+    auth = {"Authorization": "Bearer t"}
+    resp = await client.post("/vote", data=vote_body(), headers={**JSON, **auth})
+    err = await error_of(resp, 412, "cluster_mismatch")
+    assert "prod" in err["message"]
+    resp = await client.post(
+        "/vote", data=vote_body(), headers={**JSON, **auth, "Raft-Cluster": "staging"}
+    )
+    await error_of(resp, 412, "cluster_mismatch")
+    resp = await client.post(
+        "/vote",
+        data=vote_body(),
+        headers={**JSON, "Authorization": "Bearer x", "Raft-Cluster": "x"},
+    )
+    await error_of(resp, 401, "unauthorized")
+    assert handler.calls == []
+    resp = await client.post(
+        "/vote", data=vote_body(), headers={**JSON, **auth, "Raft-Cluster": "prod"}
+    )
+    assert resp.status == 200
+
+
+async def test_unknown_route_and_wrong_method_are_json(make: MakeClient) -> None:
+    client = await make(token="t")
+    resp = await client.get("/nope", headers={"Authorization": "Bearer t"})
+    await error_of(resp, 404, "not_found")
+    resp = await client.get("/vote", headers={"Authorization": "Bearer t"})
+    await error_of(resp, 405, "method_not_allowed")
+    assert resp.headers["Allow"] == "POST"
+    resp = await client.get("/nope")  # auth before routing: do not reveal routes
+    await error_of(resp, 401, "unauthorized")
+
+
+async def test_handler_failures_map_to_503_and_500(
+    client: Client, handler: RecordingHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler.fail_with = Fatal("storage is gone")
+    err = await error_of(await client.post("/vote", data=vote_body(), headers=JSON), 503, "fatal")
+    assert err["message"] == "storage is gone"
+
+    handler.fail_with = APIError("not_leader", "ask node 3")
+    resp = await client.post("/append", data=append_body(), headers=JSON)
+    err = await error_of(resp, 503, "raft_error")
+    assert "not_leader" in err["message"]
+    assert "ask node 3" in err["message"]
+
+    handler.fail_with = ZeroDivisionError("secret detail")
+    err = await error_of(
+        await client.post("/vote", data=vote_body(), headers=JSON), 500, "internal"
+    )
+    assert "secret" not in err["message"]
+    assert "Traceback" not in err["message"]
+    assert any("ZeroDivisionError" in (r.exc_text or "") for r in caplog.records)
+
+
+# --- streamed snapshots ----------------------------------------------------------------
+
+
+async def test_full_snapshot_is_streamed_installed_and_spool_deleted(
+    make: MakeClient, handler: RecordingHandler, tmp_path: Path
+) -> None:
+    client = await make(read_chunk_size=64 * 1024)
+    total = 3 * 1024 * 1024 + 12345
+    meta = snapshot_meta("snap-full")
+    resp = await client.post(
+        "/snapshot", data=body_stream(total, 50_000), headers=snapshot_headers(vote(2), meta, total)
+    )
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == {
+        "vote": {"leader_id": {"term": 2, "node_id": 1}, "committed": True}
+    }
+    [installed] = handler.installed
+    assert installed.meta == meta
+    assert installed.vote == vote(2)
+    assert installed.size == total
+    assert installed.position_at_start == 0
+    assert installed.sha256 == sha256_of_stream_sync(total)
+    assert spool_files(tmp_path / "spool") == []
+    assert await held(client, "snap-full") == 0
+
+
+async def test_snapshot_with_content_length_and_empty_snapshot(
+    client: Client, handler: RecordingHandler
+) -> None:
+    data = snapshot_bytes(100_000)
+    meta = snapshot_meta("cl")
+    resp = await client.post(
+        "/snapshot", data=data, headers=snapshot_headers(vote(2), meta, len(data))
+    )
+    assert resp.status == 200, await resp.text()
+    empty = snapshot_meta("empty")
+    resp = await client.post("/snapshot", data=b"", headers=snapshot_headers(vote(2), empty, 0))
+    assert resp.status == 200, await resp.text()
+    assert [(i.meta.snapshot_id, i.size) for i in handler.installed] == [
+        ("cl", 100_000),
+        ("empty", 0),
+    ]
+
+
+async def test_stale_snapshot_is_answered_without_reading_the_body(
+    client: Client, handler: RecordingHandler, tmp_path: Path
+) -> None:
+    total = 1024 * 1024 * 1024
+    generated = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal generated
+        async for piece in body_stream(total):
+            generated += len(piece)
+            yield piece
+
+    # vote(1) < vote(2); an incomparable vote (same term, other candidate) is refused too
+    for stale in (vote(1), vote(2, node=3, committed=False)):
+        generated = 0
+        headers = snapshot_headers(stale, snapshot_meta(), total)
+        async with client.post("/snapshot", data=endless(), headers=headers) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {
+                "vote": {"leader_id": {"term": 2, "node_id": 1}, "committed": True}
+            }
+        assert generated < 64 * 1024 * 1024
+    assert handler.calls == []
+    assert spool_files(tmp_path / "spool") == []
+
+
+@pytest.mark.parametrize(
+    ("drop", "fragment"),
+    [
+        ("Raft-Vote", "missing header Raft-Vote"),
+        ("Raft-Snapshot-Meta", "missing header Raft-Snapshot-Meta"),
+        ("Raft-Snapshot-Size", "missing header Raft-Snapshot-Size"),
+        ("Raft-Snapshot-Offset", "missing header Raft-Snapshot-Offset"),
+    ],
+)
+async def test_missing_snapshot_header_is_400(
+    client: Client, handler: RecordingHandler, drop: str, fragment: str
+) -> None:
+    headers = snapshot_headers(vote(2), snapshot_meta(), 3)
+    del headers[drop]
+    err = await error_of(
+        await client.post("/snapshot", data=b"abc", headers=headers), 400, "bad_request"
+    )
+    assert fragment in err["message"]
+    assert handler.calls == []
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "fragment"),
+    [
+        ("Raft-Vote", "{not json", "Raft-Vote"),
+        ("Raft-Vote", '{"leader_id": {"term": "x", "node_id": 1}}', "$.leader_id.term"),
+        ("Raft-Snapshot-Meta", '{"snapshot_id": 5}', "Raft-Snapshot-Meta"),
+        ("Raft-Snapshot-Size", "abc", "Raft-Snapshot-Size"),
+        ("Raft-Snapshot-Size", "-3", "Raft-Snapshot-Size"),
+        ("Raft-Snapshot-Offset", "1.5", "Raft-Snapshot-Offset"),
+        ("Raft-Snapshot-Offset", "4", "past Raft-Snapshot-Size"),
+    ],
+)
+async def test_garbled_snapshot_header_is_400(
+    client: Client, handler: RecordingHandler, header: str, value: str, fragment: str
+) -> None:
+    headers = snapshot_headers(vote(2), snapshot_meta(), 3)
+    headers[header] = value
+    err = await error_of(
+        await client.post("/snapshot", data=b"abc", headers=headers), 400, "bad_request"
+    )
+    assert fragment in err["message"]
+    assert handler.calls == []
+
+
+async def test_snapshot_meta_header_with_non_ascii_escapes(
+    client: Client, handler: RecordingHandler
+) -> None:
+    meta = snapshot_meta("snap-é-✓")
+    headers = snapshot_headers(vote(2), meta, 3)
+    assert headers["Raft-Snapshot-Meta"].isascii()
+    resp = await client.post("/snapshot", data=b"abc", headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert handler.installed[0].meta.snapshot_id == "snap-é-✓"
+
+
+async def test_truncated_body_is_size_mismatch_and_spool_deleted(
+    make: MakeClient, handler: RecordingHandler, tmp_path: Path
+) -> None:
+    client = await make(read_chunk_size=64 * 1024)
+    total = 1_000_000
+    headers = snapshot_headers(vote(2), snapshot_meta(), total)
+    resp = await client.post("/snapshot", data=body_stream(total, stop=700_000), headers=headers)
+    err = await error_of(resp, 400, "size_mismatch")
+    assert "1000000" in err["message"]
+    assert handler.calls == []
+    assert await held(client) == 0
+    assert spool_files(tmp_path / "spool") == []
+
+
+async def test_overlong_body_is_size_mismatch_and_spool_deleted(
+    make: MakeClient, handler: RecordingHandler, tmp_path: Path
+) -> None:
+    client = await make(read_chunk_size=64 * 1024)
+    total = 500_000
+    headers = snapshot_headers(vote(2), snapshot_meta(), total)
+    resp = await client.post("/snapshot", data=body_stream(total + 1), headers=headers)
+    await error_of(resp, 400, "size_mismatch")
+    # a Content-Length that disagrees with the declared size is refused before reading
+    resp = await client.post(
+        "/snapshot", data=b"x" * 10, headers=snapshot_headers(vote(2), snapshot_meta(), 9)
+    )
+    await error_of(resp, 400, "size_mismatch")
+    assert handler.calls == []
+    assert await held(client) == 0
+    assert spool_files(tmp_path / "spool") == []
+
+
+async def test_offset_mismatch_is_409_with_expected_offset(
+    client: Client, handler: RecordingHandler
+) -> None:
+    total = 1000
+    headers = snapshot_headers(vote(2), snapshot_meta(), total, offset=400)
+    resp = await client.post("/snapshot", data=b"x" * 600, headers=headers)
+    err = await error_of(resp, 409, "offset_mismatch")
+    assert err["expected_offset"] == 0
+    assert resp.headers["Raft-Snapshot-Offset"] == "0"
+    assert handler.calls == []
+
+
+async def test_head_without_snapshot_id_is_400(client: Client) -> None:
+    resp = await client.head("/snapshot")
+    assert resp.status == 400
+    assert resp.content_type == "application/json"
+
+
+class RequestsDone:
+    """A host-app middleware that tells when each POST /raft/snapshot is over, server side."""
+
+    def __init__(self) -> None:
+        self.finished = asyncio.Queue[int]()
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        status = 0
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        finally:
+            if request.method == "POST":
+                self.finished.put_nowait(status)
+
+
+async def mounted(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], app: web.Application
+) -> tuple[TestServer, RequestsDone]:
+    done = RequestsDone()
+    host = web.Application(middlewares=[done.middleware])
+    host.add_subapp("/raft", app)
+    return await aiohttp_server(host), done
+
+
+async def test_resume_after_a_dropped_connection(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    handler: RecordingHandler,
+    tmp_path: Path,
+) -> None:
+    app = raft_app(handler, spool_dir=tmp_path, read_chunk_size=64 * 1024)
+    server, done = await mounted(aiohttp_server, app)
+    url = server.make_url("/raft/snapshot")
+    total = 4_000_000
+    meta = snapshot_meta("resumable")
+    sent_enough = asyncio.Event()
+
+    async def then_hang() -> AsyncIterator[bytes]:
+        async for piece in body_stream(total, stop=2_500_000):
+            yield piece
+        sent_enough.set()
+        await asyncio.sleep(3600)
+
+    async def offset(session: aiohttp.ClientSession) -> int:
+        async with session.head(url, headers={"Raft-Snapshot-Id": "resumable"}) as resp:
+            assert resp.status == 200
+            return int(resp.headers["Raft-Snapshot-Offset"])
+
+    async with aiohttp.ClientSession() as session:
+        upload = asyncio.create_task(
+            session.post(url, data=then_hang(), headers=snapshot_headers(vote(2), meta, total))
+        )
+        await asyncio.wait_for(sent_enough.wait(), 30)
+        for _ in range(500):  # wait until the server has written something
+            if await offset(session) > 0:
+                break
+            await asyncio.sleep(0.01)
+        upload.cancel()  # drops the connection mid-body
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+        await asyncio.wait_for(done.finished.get(), 30)  # the server noticed the drop
+
+        resume_at = await offset(session)
+        assert 0 < resume_at <= 2_500_000
+        assert len(spool_files(tmp_path)) == 1
+        assert handler.installed == []
+
+        headers = snapshot_headers(vote(2), meta, total, offset=resume_at)
+        async with session.post(
+            url, data=body_stream(total, start=resume_at), headers=headers
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+    [installed] = handler.installed
+    assert installed.size == total
+    assert installed.sha256 == sha256_of_stream_sync(total)
+    assert spool_files(tmp_path) == []
+
+
+async def test_fresh_upload_supersedes_other_partial_spools(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    handler: RecordingHandler,
+    tmp_path: Path,
+) -> None:
+    # a partial spool for "old" is left by a dropped connection, then "new" starts at 0
+    app = raft_app(handler, spool_dir=tmp_path)
+    server, done = await mounted(aiohttp_server, app)
+    url = server.make_url("/raft/snapshot")
+    sent = asyncio.Event()
+
+    async def then_hang() -> AsyncIterator[bytes]:
+        yield b"x" * 300_000
+        sent.set()
+        await asyncio.sleep(3600)
+
+    async with aiohttp.ClientSession() as session:
+        upload = asyncio.create_task(
+            session.post(
+                url,
+                data=then_hang(),
+                headers=snapshot_headers(vote(2), snapshot_meta("old"), 10**6),
+            )
+        )
+        await asyncio.wait_for(sent.wait(), 30)
+        await asyncio.sleep(0.05)
+        upload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+        await asyncio.wait_for(done.finished.get(), 30)
+        assert app[SNAPSHOT_SPOOL].snapshot_ids() == ["old"]
+        headers = snapshot_headers(vote(2), snapshot_meta("new"), 5)
+        async with session.post(url, data=b"12345", headers=headers) as resp:
+            assert resp.status == 200
+        async with session.head(url, headers={"Raft-Snapshot-Id": "old"}) as resp:
+            assert resp.headers["Raft-Snapshot-Offset"] == "0"
+    assert spool_files(tmp_path) == []
+
+
+async def test_idle_partial_spool_expires(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    handler: RecordingHandler,
+    tmp_path: Path,
+) -> None:
+    app = raft_app(handler, spool_dir=tmp_path, spool_idle_timeout=0.2, read_chunk_size=1024)
+    server, done = await mounted(aiohttp_server, app)
+    url = server.make_url("/raft/snapshot")
+    sent = asyncio.Event()
+
+    async def then_hang() -> AsyncIterator[bytes]:
+        yield b"x" * 10_000
+        sent.set()
+        await asyncio.sleep(3600)
+
+    async with aiohttp.ClientSession() as session:
+        upload = asyncio.create_task(
+            session.post(
+                url, data=then_hang(), headers=snapshot_headers(vote(2), snapshot_meta(), 10**6)
+            )
+        )
+        await asyncio.wait_for(sent.wait(), 30)
+        for _ in range(500):
+            if spool_files(tmp_path):
+                break
+            await asyncio.sleep(0.01)
+        upload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+        await asyncio.wait_for(done.finished.get(), 30)
+        for _ in range(500):  # bounded: 5 s for a 0.2 s timeout
+            if not spool_files(tmp_path):
+                break
+            await asyncio.sleep(0.01)
+        assert spool_files(tmp_path) == []
+        async with session.head(url, headers={"Raft-Snapshot-Id": "snap-1"}) as resp:
+            assert resp.headers["Raft-Snapshot-Offset"] == "0"
+
+
+# --- the deprecated per-chunk protocol -------------------------------------------------
+
+
+def chunk_body(
+    snapshot_id: str, offset: int, data: bytes, done: bool, term: int = 2
+) -> dict[str, Any]:
+    meta = json.loads(msgspec.json.encode(snapshot_meta(snapshot_id)))
+    return {
+        "vote": {"leader_id": {"term": term, "node_id": 1}, "committed": True},
+        "meta": meta,
+        "offset": offset,
+        "data": base64.b64encode(data).decode(),
+        "done": done,
+    }
+
+
+async def test_per_chunk_protocol_three_chunks_then_done(
+    client: Client, handler: RecordingHandler, tmp_path: Path
+) -> None:
+    data = snapshot_bytes(300_000)
+    pieces = [data[:100_000], data[100_000:200_000], data[200_000:]]
+    offset = 0
+    my_vote = {"vote": {"leader_id": {"term": 2, "node_id": 1}, "committed": True}}
+    for piece in pieces:
+        resp = await client.post("/snapshot", json=chunk_body("chunked", offset, piece, False))
+        assert resp.status == 200, await resp.text()
+        assert await resp.json() == my_vote
+        offset += len(piece)
+    assert handler.installed == []
+    assert await held(client, "chunked") == 300_000
+    resp = await client.post("/snapshot", json=chunk_body("chunked", offset, b"", True))
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == my_vote
+    [installed] = handler.installed
+    assert installed.size == 300_000
+    assert installed.sha256 == sha256_of_stream_sync(300_000)
+    assert spool_files(tmp_path / "spool") == []
+
+
+async def test_per_chunk_protocol_mismatch_is_409(
+    client: Client, handler: RecordingHandler
+) -> None:
+    resp = await client.post("/snapshot", json=chunk_body("a", 0, b"x" * 10, False))
+    assert resp.status == 200
+    # wrong offset for the same id
+    err = await error_of(
+        await client.post("/snapshot", json=chunk_body("a", 7, b"y", False)),
+        409,
+        "snapshot_mismatch",
+    )
+    assert err["expect"] == {"snapshot_id": "a", "offset": 10}
+    assert err["got"] == {"snapshot_id": "a", "offset": 7}
+    # a continuation of an id the server does not hold
+    err = await error_of(
+        await client.post("/snapshot", json=chunk_body("b", 10, b"y", True)),
+        409,
+        "snapshot_mismatch",
+    )
+    assert err["expect"] == {"snapshot_id": "a", "offset": 10}
+    assert err["got"] == {"snapshot_id": "b", "offset": 10}
+    assert handler.installed == []
+    assert await held(client, "a") == 10
+
+
+async def test_per_chunk_protocol_stale_vote_stores_nothing(
+    client: Client, handler: RecordingHandler, tmp_path: Path
+) -> None:
+    resp = await client.post("/snapshot", json=chunk_body("s", 0, b"abc", True, term=1))
+    assert resp.status == 200
+    assert await resp.json() == {
+        "vote": {"leader_id": {"term": 2, "node_id": 1}, "committed": True}
+    }
+    assert handler.calls == []
+    assert spool_files(tmp_path / "spool") == []
+
+
+async def test_per_chunk_body_limit_and_handler_mismatch(
+    make: MakeClient, handler: RecordingHandler
+) -> None:
+    client = await make(max_body_size=2000)
+    resp = await client.post("/snapshot", json=chunk_body("s", 0, b"x" * 3000, False))
+    err = await error_of(resp, 413, "payload_too_large")
+    assert err["limit"] == 2000
+    # a SnapshotMismatch raised by the handler itself maps to the same 409
+    handler.fail_with = SnapshotMismatch(("s", 5), ("s", 3))
+    resp = await client.post("/snapshot", json=chunk_body("s", 0, b"abc", True))
+    err = await error_of(resp, 409, "snapshot_mismatch")
+    assert err["expect"] == {"snapshot_id": "s", "offset": 5}
+
+
+# --- memory ------------------------------------------------------------------------
+
+
+async def test_64_mib_snapshot_streams_with_bounded_memory(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    handler: RecordingHandler,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    total = 64 * 1024 * 1024 + 777
+    server = await aiohttp_server(raft_app(handler, spool_dir=tmp_path))
+    url = server.make_url("/snapshot")
+    headers = snapshot_headers(vote(2), snapshot_meta("big"), total)
+    async with aiohttp.ClientSession() as session:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            async with session.post(
+                url, data=body_stream(total, 256 * 1024), headers=headers
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    with capsys.disabled():
+        print(f"\n64 MiB snapshot upload: tracemalloc peak {peak / 2**20:.2f} MiB")
+    assert peak < 16 * 1024 * 1024
+    [installed] = handler.installed
+    assert installed.size == total
+    assert installed.sha256 == sha256_of_stream_sync(total)
+
+
+# --- mounting and running alone ------------------------------------------------------
+
+
+async def test_mounts_under_a_prefix_beside_host_routes(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], handler: RecordingHandler
+) -> None:
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    host = web.Application()
+    host.router.add_get("/health", health)
+    sub = raft_app(handler, token="t")
+    host.add_subapp("/raft", sub)
+    server = await aiohttp_server(host)
+    auth = {"Authorization": "Bearer t"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/health")) as resp:
+            assert await resp.json() == {"ok": True}  # host routes are not behind the token
+        async with session.post(
+            server.make_url("/raft/vote"), data=vote_body(), headers={**JSON, **auth}
+        ) as resp:
+            assert resp.status == 200
+        async with session.post(server.make_url("/raft/nope"), headers=auth) as resp:
+            await error_of(resp, 404, "not_found")
+        total = 2 * 1024 * 1024  # over the host's 1 MiB client_max_size: not applied to streams
+        async with session.post(
+            server.make_url("/raft/snapshot"),
+            data=body_stream(total),
+            headers={**auth, **snapshot_headers(vote(2), snapshot_meta(), total)},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+    spool_dir = sub[SNAPSHOT_SPOOL].directory
+    assert spool_dir.is_dir()
+    await server.close()
+    assert not spool_dir.exists()  # the temp spool dir is removed at cleanup
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_runs_alone_with_run_app(tmp_path: Path) -> None:
+    port = free_port()
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2])\n"
+        "from aiohttp import web\n"
+        "from raft_http.server import raft_app\n"
+        "from server_helpers import RecordingHandler\n"
+        "web.run_app(raft_app(RecordingHandler()), host='127.0.0.1', port=int(sys.argv[1]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(port), str(Path(__file__).parent)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.post(
+                        f"http://127.0.0.1:{port}/vote", data=vote_body(), headers=JSON
+                    ) as resp:
+                        assert resp.status == 200
+                        assert (await resp.json())["vote_granted"] is True
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                    await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the standalone server did not come up")
+    finally:
+        proc.kill()
+        proc.wait(10)
