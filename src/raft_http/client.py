@@ -1,0 +1,622 @@
+"""The sending side of the HTTP transport: ``RaftNetwork`` calls turned into requests.
+
+One ``HttpNetworkFactory`` holds the connection pools (keep-alive) for every
+target; ``new_client`` only parses the address. Every failure surfaces as an
+error of ``raft_http.errors`` (see docs/protocol.md, "Client error mapping"):
+callers never see an aiohttp exception. Snapshots travel on a pool of their own
+so that a long upload never delays a heartbeat to the same node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import ssl as ssl_module
+import threading
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, BinaryIO, Final, NoReturn, TypeVar
+
+import aiohttp
+import msgspec
+from yarl import URL
+
+from .errors import (
+    APIError,
+    Closed,
+    Fatal,
+    NetworkError,
+    PayloadTooLarge,
+    RaftError,
+    RemoteError,
+    ReplicationClosed,
+    SnapshotMismatch,
+    SnapshotTransferError,
+    Timeout,
+    Unreachable,
+)
+from .network import Backoff, RaftNetwork, RaftNetworkFactory, RPCOption
+from .types import (
+    APPEND_ENTRIES_REQUEST,
+    APPEND_ENTRIES_RESPONSE,
+    ERROR_BODY,
+    INSTALL_SNAPSHOT_REQUEST,
+    INSTALL_SNAPSHOT_RESPONSE,
+    SNAPSHOT_META,
+    SNAPSHOT_RESPONSE,
+    VOTE,
+    VOTE_REQUEST,
+    VOTE_RESPONSE,
+    AppendEntriesRequest,
+    AppendEntriesResponse,
+    ErrorDetail,
+    InstallSnapshotRequest,
+    InstallSnapshotResponse,
+    JsonCodec,
+    Node,
+    Snapshot,
+    SnapshotMeta,
+    SnapshotResponse,
+    Vote,
+    VoteRequest,
+    VoteResponse,
+)
+
+__all__ = ["HttpNetwork", "HttpNetworkFactory", "parse_node_address"]
+
+T = TypeVar("T")
+
+JSON: Final = "application/json"
+OCTET_STREAM: Final = "application/octet-stream"
+MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
+"""Answers are small JSON documents; a peer sending more than this is broken."""
+EXCERPT_CHARS: Final = 200
+
+_ASCII_UNSAFE = re.compile(r"[^\x00-\x7f]")
+_SNAPSHOT_READ_LOCK = threading.Lock()
+"""Serialises seek+read on snapshot files, which several uploads may share."""
+
+
+def parse_node_address(addr: str) -> URL:
+    """The base URL of a node: ``host:port`` means ``http://host:port``.
+
+    Raises ``ValueError`` for anything else than that or an ``http(s)://host[:port][/prefix]``
+    URL (no query, fragment or credentials), so a bad address fails at ``new_client``.
+    """
+    if not isinstance(addr, str) or not addr or addr != addr.strip():
+        raise ValueError(f"invalid node address {addr!r}")
+    full = "://" in addr
+    try:
+        url = URL(addr if full else f"http://{addr}")
+    except ValueError as e:
+        raise ValueError(f"invalid node address {addr!r}: {e}") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"invalid node address {addr!r}: scheme must be http or https")
+    if not url.host:
+        raise ValueError(f"invalid node address {addr!r}: no host")
+    if url.query_string or url.fragment or url.user is not None or url.password is not None:
+        raise ValueError(f"invalid node address {addr!r}: no query, fragment or credentials")
+    if not full and (url.explicit_port is None or url.path not in ("", "/")):
+        raise ValueError(f"invalid node address {addr!r}: expected host:port or an http(s) URL")
+    if not url.path.endswith("/"):
+        url = url.with_path(url.path + "/")
+    return url
+
+
+def _ascii_json(raw: bytes) -> str:
+    """JSON for a header: ASCII only, non-ASCII escaped as ``\\uXXXX`` (surrogate pairs above)."""
+    text = raw.decode()
+    if text.isascii():
+        return text
+
+    def escape(m: re.Match[str]) -> str:
+        cp = ord(m.group())
+        if cp < 0x10000:
+            return f"\\u{cp:04x}"
+        cp -= 0x10000
+        return f"\\u{0xD800 + (cp >> 10):04x}\\u{0xDC00 + (cp & 0x3FF):04x}"
+
+    return _ASCII_UNSAFE.sub(escape, text)
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")
+    return text[:EXCERPT_CHARS] + ("..." if len(text) > EXCERPT_CHARS else "")
+
+
+def _file_size(data: BinaryIO) -> int:
+    with _SNAPSHOT_READ_LOCK:
+        return data.seek(0, os.SEEK_END)
+
+
+def _read_at(data: BinaryIO, offset: int, n: int) -> bytes:
+    """Seek and read in one call: a thread read cannot be cancelled, a shared position can race."""
+    with _SNAPSHOT_READ_LOCK:
+        data.seek(offset)
+        return data.read(n)
+
+
+async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole answer body, refusing one larger than ``MAX_ANSWER_BYTES``."""
+    if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
+        raise NetworkError(f"answer of {resp.content_length} bytes exceeds {MAX_ANSWER_BYTES}")
+    parts: list[bytes] = []
+    total = 0
+    async for part in resp.content.iter_any():
+        total += len(part)
+        if total > MAX_ANSWER_BYTES:
+            raise NetworkError(f"answer exceeds {MAX_ANSWER_BYTES} bytes")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _error_detail(resp: aiohttp.ClientResponse, body: bytes) -> ErrorDetail | None:
+    """The JSON error body of a failed answer, or ``None`` if it is not one."""
+    if resp.content_type != JSON:
+        return None
+    try:
+        return ERROR_BODY.decode(body).error
+    except msgspec.DecodeError:
+        return None
+
+
+def _segment(value: Any) -> tuple[str, int]:
+    """A ``{"snapshot_id", "offset"}`` object of a 409 ``snapshot_mismatch`` as a segment id."""
+    if isinstance(value, dict):
+        sid, off = value.get("snapshot_id"), value.get("offset")
+        if isinstance(sid, str) and isinstance(off, int):
+            return (sid, off)
+    raise ValueError(f"not a snapshot segment: {value!r}")
+
+
+def _raft_error(detail: ErrorDetail) -> RaftError:
+    """The Raft error a JSON error body stands for."""
+    if detail.kind == "fatal":
+        return Fatal(detail.message)
+    if detail.kind == "snapshot_mismatch":
+        try:
+            return SnapshotMismatch(_segment(detail.expect), _segment(detail.got))
+        except ValueError:
+            pass  # a malformed mismatch is still an API error worth reporting
+    extra = {
+        k: v
+        for k, v in msgspec.structs.asdict(detail).items()
+        if k not in ("kind", "message") and v is not None
+    }
+    return APIError(detail.kind, detail.message, **extra)
+
+
+class HttpNetworkFactory(RaftNetworkFactory):
+    """Builds ``HttpNetwork`` clients sharing one keep-alive pool (and one for snapshots).
+
+    A ``session`` passed in is borrowed: used for RPCs and never closed here. The
+    snapshot pool is always the factory's own. Sessions are created lazily, inside
+    the running loop, on the first RPC; ``close()`` (or ``async with``) releases
+    what the factory owns.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession | None = None,
+        *,
+        token: str | None = None,
+        cluster: str | None = None,
+        ssl: ssl_module.SSLContext | bool | None = None,
+        backoff: Callable[[], Backoff] | None = None,
+        max_resume_attempts: int = 3,
+    ) -> None:
+        if max_resume_attempts < 0:
+            raise ValueError("max_resume_attempts cannot be negative")
+        self._borrowed = session
+        self._session: aiohttp.ClientSession | None = None
+        self._snapshot_session: aiohttp.ClientSession | None = None
+        self._closed = False
+        headers: dict[str, str] = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if cluster is not None:
+            headers["Raft-Cluster"] = cluster
+        self.headers: Mapping[str, str] = headers
+        self.json_headers: Mapping[str, str] = {**headers, "Content-Type": JSON}
+        self.ssl: ssl_module.SSLContext | bool = True if ssl is None else ssl
+        self._backoff = backoff or (lambda: Backoff.constant(0.5))
+        self.max_resume_attempts = max_resume_attempts
+
+    async def __aenter__(self) -> HttpNetworkFactory:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def new_client(self, target: int, node: Node) -> HttpNetwork:
+        return HttpNetwork(self, target, node)
+
+    def backoff(self) -> Backoff:
+        return self._backoff()
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        # Deadlines are ours (asyncio.timeout per call): aiohttp's 300 s total would
+        # kill long snapshot uploads.
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+
+    def session(self) -> aiohttp.ClientSession:
+        """The pool for RPCs; must be called inside the running loop."""
+        if self._closed:
+            raise RuntimeError("HttpNetworkFactory is closed")
+        if self._borrowed is not None:
+            return self._borrowed
+        if self._session is None:
+            self._session = self._new_session()
+        return self._session
+
+    def snapshot_session(self) -> aiohttp.ClientSession:
+        """The pool for snapshot uploads, separate so heartbeats never queue behind one."""
+        if self._closed:
+            raise RuntimeError("HttpNetworkFactory is closed")
+        if self._snapshot_session is None:
+            self._snapshot_session = self._new_session()
+        return self._snapshot_session
+
+    async def close(self) -> None:
+        self._closed = True
+        owned = [s for s in (self._session, self._snapshot_session) if s is not None]
+        self._session = self._snapshot_session = None
+        for s in owned:
+            await s.close()
+
+
+class _Upload:
+    """One attempt's progress: bytes handed to aiohttp, and a file failure if any."""
+
+    __slots__ = ("failure", "sent")
+
+    def __init__(self, offset: int) -> None:
+        self.sent = offset
+        self.failure: SnapshotTransferError | None = None
+
+
+class _Dropped(Exception):
+    """The connection dropped mid-upload: ask the target where to resume."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _Resume(Exception):
+    """The target holds a different offset (409 ``offset_mismatch``): resume from it."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(offset)
+        self.offset = offset
+
+
+class HttpNetwork(RaftNetwork):
+    """The connection to one target node over HTTP; built by ``HttpNetworkFactory.new_client``."""
+
+    def __init__(self, factory: HttpNetworkFactory, target: int, node: Node) -> None:
+        self.factory = factory
+        self.target = target
+        self.node = node
+        self.base_url = parse_node_address(node.addr)
+        self.append_url = self.base_url / "append"
+        self.vote_url = self.base_url / "vote"
+        self.snapshot_url = self.base_url / "snapshot"
+
+    def __repr__(self) -> str:
+        return f"HttpNetwork(target={self.target}, url={str(self.base_url)!r})"
+
+    def backoff(self) -> Backoff:
+        return self.factory.backoff()
+
+    # --- RPCs ----------------------------------------------------------------------
+
+    async def append_entries(
+        self, rpc: AppendEntriesRequest, option: RPCOption
+    ) -> AppendEntriesResponse:
+        return await self._rpc(
+            "append_entries",
+            self.append_url,
+            APPEND_ENTRIES_REQUEST.encode(rpc),
+            APPEND_ENTRIES_RESPONSE,
+            option,
+            entries=len(rpc.entries),
+        )
+
+    async def vote(self, rpc: VoteRequest, option: RPCOption) -> VoteResponse:
+        return await self._rpc(
+            "vote", self.vote_url, VOTE_REQUEST.encode(rpc), VOTE_RESPONSE, option, entries=0
+        )
+
+    async def install_snapshot(
+        self, rpc: InstallSnapshotRequest, option: RPCOption
+    ) -> InstallSnapshotResponse:
+        """Send one snapshot fragment as JSON (deprecated: use ``full_snapshot``)."""
+        warnings.warn(
+            "install_snapshot is deprecated; use full_snapshot",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return await self._rpc(
+            "install_snapshot",
+            self.snapshot_url,
+            INSTALL_SNAPSHOT_REQUEST.encode(rpc),
+            INSTALL_SNAPSHOT_RESPONSE,
+            option,
+            entries=0,
+        )
+
+    async def _rpc(
+        self,
+        action: str,
+        url: URL,
+        body: bytes,
+        codec: JsonCodec[T],
+        option: RPCOption,
+        *,
+        entries: int,
+    ) -> T:
+        session = self.factory.session()
+        try:
+            async with asyncio.timeout(option.hard_ttl):
+                async with session.post(
+                    url,
+                    data=body,
+                    headers=self.factory.json_headers,
+                    ssl=self.factory.ssl,
+                    timeout=self._client_timeout(option),
+                ) as resp:
+                    answer = await _read_answer(resp)
+                    if resp.status == 413:
+                        raise self._too_large(action, resp, answer, entries)
+                    if resp.status != 200:
+                        self._raise_for_answer(action, resp, answer)
+                    return self._decode(action, resp, answer, codec)
+        except TimeoutError:
+            # Before ClientError: aiohttp's ServerTimeoutError is both.
+            raise Timeout(action, self.target, option.hard_ttl) from None
+        except aiohttp.ClientError as e:
+            raise self._transport_error(action, e) from e
+
+    # --- full snapshot ---------------------------------------------------------------
+
+    async def full_snapshot(
+        self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: Awaitable[ReplicationClosed],
+        option: RPCOption,
+    ) -> SnapshotResponse:
+        """Stream the snapshot, resuming after a dropped connection; race it against ``cancel``."""
+        owns_cancel = not asyncio.isfuture(cancel)
+        cancel_fut: asyncio.Future[ReplicationClosed] = asyncio.ensure_future(cancel)
+        upload = asyncio.create_task(self._send_snapshot(vote, snapshot, option))
+        try:
+            await asyncio.wait((upload, cancel_fut), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not upload.done():
+                upload.cancel()
+                await asyncio.gather(upload, return_exceptions=True)
+            if owns_cancel and not cancel_fut.done():
+                cancel_fut.cancel()
+                await asyncio.gather(cancel_fut, return_exceptions=True)
+        if upload.cancelled():  # stopped because cancel came first
+            raise Closed(self._closed_reason(cancel_fut)) from None
+        return upload.result()
+
+    @staticmethod
+    def _closed_reason(cancel: asyncio.Future[ReplicationClosed]) -> ReplicationClosed:
+        if cancel.cancelled():
+            return ReplicationClosed("cancel awaitable was cancelled")
+        exc = cancel.exception()
+        if isinstance(exc, ReplicationClosed):
+            return exc
+        if exc is not None:
+            return ReplicationClosed(f"cancel awaitable failed: {exc!r}")
+        result = cancel.result()
+        if isinstance(result, ReplicationClosed):
+            return result
+        return ReplicationClosed(str(result))
+
+    async def _send_snapshot(
+        self, vote: Vote, snapshot: Snapshot, option: RPCOption
+    ) -> SnapshotResponse:
+        action = "full_snapshot"
+        meta = snapshot.meta
+        size = await asyncio.to_thread(_file_size, snapshot.data)
+        headers = {
+            **self.factory.headers,
+            "Content-Type": OCTET_STREAM,
+            "Raft-Vote": VOTE.encode(vote).decode(),
+            "Raft-Snapshot-Meta": _ascii_json(SNAPSHOT_META.encode(meta)),
+            "Raft-Snapshot-Size": str(size),
+        }
+        offset = 0
+        resumes = 0
+        while True:
+            try:
+                return await self._upload_from(action, headers, snapshot, offset, size, option)
+            except (_Dropped, _Resume) as e:
+                if resumes >= self.factory.max_resume_attempts:
+                    raise NetworkError(
+                        f"{action} to node {self.target} failed after {resumes} resumes: {e}",
+                        target=self.target,
+                    ) from (e.cause if isinstance(e, _Dropped) else None)
+                resumes += 1
+                if isinstance(e, _Resume):
+                    offset = e.offset
+                else:
+                    offset = await self._held_offset(action, meta, option)
+                if not 0 <= offset <= size:
+                    raise NetworkError(
+                        f"{action}: node {self.target} holds offset {offset} of a "
+                        f"{size}-byte snapshot",
+                        target=self.target,
+                    ) from None
+
+    async def _upload_from(
+        self,
+        action: str,
+        headers: dict[str, str],
+        snapshot: Snapshot,
+        offset: int,
+        size: int,
+        option: RPCOption,
+    ) -> SnapshotResponse:
+        """One POST of the bytes from ``offset``; a dropped connection raises ``_Dropped``."""
+        session = self.factory.snapshot_session()
+        state = _Upload(offset)
+        headers = {**headers, "Raft-Snapshot-Offset": str(offset)}
+        try:
+            async with asyncio.timeout(option.hard_ttl) as deadline:
+                body = self._chunks(snapshot, state, size, option, deadline)
+                async with session.post(
+                    self.snapshot_url,
+                    data=body,
+                    headers=headers,
+                    ssl=self.factory.ssl,
+                    timeout=self._client_timeout(option),
+                ) as resp:
+                    answer = await _read_answer(resp)
+                    if state.failure is not None:
+                        raise state.failure
+                    if resp.status == 409:
+                        detail = _error_detail(resp, answer)
+                        if (
+                            detail is not None
+                            and detail.kind == "offset_mismatch"
+                            and detail.expected_offset is not None
+                        ):
+                            raise _Resume(detail.expected_offset)
+                    if resp.status != 200:
+                        self._raise_for_answer(action, resp, answer)
+                    return self._decode(action, resp, answer, SNAPSHOT_RESPONSE)
+        except TimeoutError:
+            if state.failure is not None:
+                raise state.failure from None
+            raise Timeout(action, self.target, option.hard_ttl) from None
+        except aiohttp.ClientError as e:
+            if state.failure is not None:
+                raise state.failure from None
+            if isinstance(e, aiohttp.ClientConnectorError):
+                raise Unreachable(
+                    f"{action}: cannot connect to node {self.target} at {self.node.addr}: {e}",
+                    target=self.target,
+                ) from e
+            if isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+                raise _Dropped(e) from e
+            raise self._transport_error(action, e) from e
+
+    async def _chunks(
+        self,
+        snapshot: Snapshot,
+        state: _Upload,
+        size: int,
+        option: RPCOption,
+        deadline: asyncio.Timeout,
+    ) -> AsyncIterator[bytes]:
+        """The body from ``state.sent``; each step (read + write) gets ``hard_ttl`` of progress.
+
+        aiohttp pulls the next chunk only once the previous one was written, so
+        moving the deadline here bounds each chunk, not the whole snapshot; after
+        the last byte, the answer gets ``hard_ttl`` too.
+        """
+        loop = asyncio.get_running_loop()
+        chunk_size = option.chunk_size
+        while state.sent < size:
+            deadline.reschedule(loop.time() + option.hard_ttl)
+            n = min(chunk_size, size - state.sent)
+            chunk = await asyncio.to_thread(_read_at, snapshot.data, state.sent, n)
+            if len(chunk) < n:
+                state.failure = SnapshotTransferError(
+                    snapshot.meta,
+                    f"snapshot {snapshot.meta.snapshot_id!r} data ends at byte "
+                    f"{state.sent + len(chunk)}, but its size is {size}",
+                )
+                raise state.failure
+            state.sent += n
+            yield chunk
+        deadline.reschedule(loop.time() + option.hard_ttl)
+
+    async def _held_offset(self, action: str, meta: SnapshotMeta, option: RPCOption) -> int:
+        """Ask the target how many bytes of this snapshot it holds (``HEAD /snapshot``)."""
+        session = self.factory.snapshot_session()
+        try:
+            async with (
+                asyncio.timeout(option.hard_ttl),
+                session.head(
+                    self.snapshot_url,
+                    headers={**self.factory.headers, "Raft-Snapshot-Id": meta.snapshot_id},
+                    ssl=self.factory.ssl,
+                    timeout=self._client_timeout(option),
+                ) as resp,
+            ):
+                if resp.status != 200:
+                    # HEAD answers carry no body: the next POST reports what is wrong.
+                    return 0
+                raw = resp.headers.get("Raft-Snapshot-Offset", "")
+                if not raw.isdigit():
+                    raise NetworkError(
+                        f"{action}: node {self.target} answered HEAD /snapshot without a "
+                        f"valid Raft-Snapshot-Offset ({raw[:40]!r})",
+                        target=self.target,
+                    )
+                return int(raw)
+        except TimeoutError:
+            raise Timeout(action, self.target, option.hard_ttl) from None
+        except aiohttp.ClientError as e:
+            raise self._transport_error(action, e) from e
+
+    # --- helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _client_timeout(option: RPCOption) -> aiohttp.ClientTimeout:
+        # A connect that has not finished by soft_ttl is a node we cannot reach,
+        # reported as Unreachable before the hard deadline turns it into a Timeout.
+        return aiohttp.ClientTimeout(total=None, sock_connect=option.soft_ttl)
+
+    def _transport_error(self, action: str, e: aiohttp.ClientError) -> Unreachable | NetworkError:
+        if isinstance(e, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            return Unreachable(
+                f"{action}: cannot connect to node {self.target} at {self.node.addr}: {e}",
+                target=self.target,
+            )
+        return NetworkError(
+            f"{action} to node {self.target} failed: {type(e).__name__}: {e}",
+            target=self.target,
+        )
+
+    def _too_large(
+        self, action: str, resp: aiohttp.ClientResponse, answer: bytes, entries: int
+    ) -> PayloadTooLarge:
+        detail = _error_detail(resp, answer)
+        return PayloadTooLarge(
+            action,
+            entries_hint=max(1, entries // 2),
+            bytes_hint=detail.limit if detail is not None else None,
+            target=self.target,
+        )
+
+    def _raise_for_answer(
+        self, action: str, resp: aiohttp.ClientResponse, answer: bytes
+    ) -> NoReturn:
+        detail = _error_detail(resp, answer)
+        if detail is None:
+            raise NetworkError(
+                f"{action} to node {self.target}: HTTP {resp.status}: {_excerpt(answer)!r}",
+                target=self.target,
+            )
+        raise RemoteError(self.target, self.node, _raft_error(detail))
+
+    def _decode(
+        self, action: str, resp: aiohttp.ClientResponse, answer: bytes, codec: JsonCodec[T]
+    ) -> T:
+        try:
+            return codec.decode(answer)
+        except msgspec.DecodeError as e:
+            raise NetworkError(
+                f"{action} to node {self.target}: undecodable answer (HTTP {resp.status}, {e}): "
+                f"{_excerpt(answer)!r}",
+                target=self.target,
+            ) from None
