@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -222,3 +224,50 @@ async def test_unwritable_directory_raises_storage_error(tmp_path: Path) -> None
     store = SnapshotStore(tmp_path / "file" / "snaps")
     with pytest.raises(StorageError):
         await store.save_from(meta(1), io.BytesIO(b"data"))
+
+
+async def test_slow_save_does_not_block_readers_and_cannot_win_late(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    await store.save(meta(1), writer(payload(1)))
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow(f: BinaryIO) -> None:
+        started.set()
+        f.write(b"slow")
+        assert release.wait(30)
+
+    slow_save = asyncio.ensure_future(store.save(meta(2), slow))
+    try:
+        assert await asyncio.to_thread(started.wait, 30)
+        assert await read_latest(store) == (meta(1), payload(1))  # not blocked by the save
+        await store.save(meta(3), writer(payload(3)))  # started later, finishes first
+    finally:
+        release.set()
+        await slow_save
+    assert await read_latest(store) == (meta(3), payload(3))
+    assert len(snapshot_files(tmp_path)) == 2
+    assert await SnapshotStore(tmp_path).latest() == meta(3)
+
+
+async def test_cancelled_save_still_completes(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow(f: BinaryIO) -> None:
+        started.set()
+        f.write(payload(4))
+        assert release.wait(30)
+
+    save = asyncio.ensure_future(store.save(meta(4), slow))
+    assert await asyncio.to_thread(started.wait, 30)
+    save.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await save
+    for _ in range(300):  # the shielded save finishes in the background
+        if await store.latest() is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert await read_latest(store) == (meta(4), payload(4))

@@ -122,15 +122,22 @@ class SnapshotStore:
     async def _save_locked(
         self, meta: SnapshotMeta, stem_id: str, fill: Callable[[BinaryIO], tuple[int, str]]
     ) -> None:
+        # The lock covers bookkeeping only, not the write: readers of the current
+        # snapshot (open_latest for a follower) never wait for a new one being built.
         async with self._lock:
             await self._ensure_scanned()
             seq = self._next_seq
             self._next_seq = seq + 1  # never reused, even if this save fails
-            stem = f"{seq:020d}-{stem_id}"
-            try:
-                await asyncio.to_thread(self._write_files, meta, seq, stem, fill)
-            except OSError as exc:
-                raise StorageError(f"cannot save snapshot {meta.snapshot_id!r}: {exc}") from exc
+        stem = f"{seq:020d}-{stem_id}"
+        try:
+            await asyncio.to_thread(self._write_files, meta, seq, stem, fill)
+        except OSError as exc:
+            raise StorageError(f"cannot save snapshot {meta.snapshot_id!r}: {exc}") from exc
+        async with self._lock:
+            if self._latest_name is not None and int(self._latest_name[:20]) > seq:
+                # a save that started later finished first: this one is already old
+                await asyncio.to_thread(self._remove, stem)
+                return
             self._latest, self._latest_name = meta, stem
             await asyncio.to_thread(self._remove_older_than, seq)
 
@@ -163,6 +170,11 @@ class SnapshotStore:
             with contextlib.suppress(OSError):
                 (self.directory / (stem + _DATA_SUFFIX)).unlink()
             raise
+
+    def _remove(self, stem: str) -> None:
+        for suffix in (_DATA_SUFFIX, _META_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / (stem + suffix))
 
     def _remove_older_than(self, seq: int) -> None:
         """Delete every snapshot saved before ``seq`` (open file objects stay readable)."""
