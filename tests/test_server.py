@@ -208,6 +208,7 @@ async def test_token_is_required_and_compared(make: MakeClient, handler: Recordi
     resp = await client.post("/vote", data=vote_body(), headers=JSON)
     err = await error_of(resp, 401, "unauthorized")
     assert "s3cret" not in err["message"]
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     for wrong in ("Bearer nope", "s3cret", "Bearer s3cret2", "Basic s3cret"):
         resp = await client.post(
             "/vote", data=vote_body(), headers={**JSON, "Authorization": wrong}
