@@ -8,9 +8,11 @@ server never would.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ from raft_http.types import (
     LogId,
     Membership,
     Node,
+    Snapshot,
     SnapshotMeta,
     SnapshotResponse,
     StoredMembership,
@@ -208,3 +211,115 @@ class FakeRaft:
         if rpc.done:
             self.installed.append((rpc.vote, rpc.meta, bytes(self.spools.pop(sid))))
         return json_response(InstallSnapshotResponse(self.current_vote))
+
+
+@dataclass
+class Recorder:
+    """A RaftHandler for end-to-end tests: records calls, answers like a follower at ``my_vote``."""
+
+    my_vote: Vote = field(default_factory=lambda: vote(1))
+    fail_with: BaseException | None = None
+    stall: asyncio.Event | None = None
+    """When set, append_entries waits on it (a handler slower than the deadline)."""
+    appends: list[AppendEntriesRequest] = field(default_factory=list)
+    votes: list[VoteRequest] = field(default_factory=list)
+    installed: list[tuple[Vote, SnapshotMeta, str]] = field(default_factory=list)
+    """(vote, meta, sha256 hex of the data) per installed snapshot."""
+
+    def current_vote(self) -> Vote:
+        return self.my_vote
+
+    async def append_entries(self, rpc: AppendEntriesRequest) -> Success:
+        if self.fail_with is not None:
+            raise self.fail_with
+        if self.stall is not None:
+            await self.stall.wait()
+        self.appends.append(rpc)
+        return Success()
+
+    async def vote(self, rpc: VoteRequest) -> VoteResponse:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.votes.append(rpc)
+        return VoteResponse(self.my_vote, rpc.vote >= self.my_vote, None)
+
+    async def install_full_snapshot(self, v: Vote, snapshot: Snapshot) -> SnapshotResponse:
+        digest = await asyncio.to_thread(lambda: hashlib.file_digest(snapshot.data, "sha256"))
+        self.installed.append((v, snapshot.meta, digest.hexdigest()))
+        return SnapshotResponse(self.my_vote)
+
+
+class GatedFile(io.BytesIO):
+    """Reads past ``open_bytes`` block (in the reading thread) until ``gate`` is set."""
+
+    def __init__(self, data: bytes, open_bytes: int) -> None:
+        super().__init__(data)
+        self.open_bytes = open_bytes
+        self.gate = threading.Event()
+        self.blocked = threading.Event()
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self.tell() >= self.open_bytes:
+            self.blocked.set()
+            self.gate.wait(30)
+        return super().read(n)
+
+
+class DroppingProxy:
+    """A TCP proxy to ``port``; cuts the first ``drops`` connections that send > ``after`` bytes."""
+
+    def __init__(self, port: int, *, after: int, drops: int) -> None:
+        self.port = port
+        self.after = after
+        self.drops = drops
+        self.dropped = 0
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
+        sent = 0
+
+        async def upstream() -> None:
+            nonlocal sent
+            while data := await cr.read(65536):
+                sent += len(data)
+                if sent > self.after and self.dropped < self.drops:
+                    self.dropped += 1
+                    sw.write(data[: len(data) - (sent - self.after)])
+                    await sw.drain()
+                    raise ConnectionResetError("proxy drop")
+                sw.write(data)
+                await sw.drain()
+
+        async def downstream() -> None:
+            while data := await sr.read(65536):
+                cw.write(data)
+                await cw.drain()
+
+        try:
+            up = asyncio.ensure_future(upstream())
+            down = asyncio.ensure_future(downstream())
+            await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
+            for t in (up, down):
+                t.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+        finally:
+            for w in (cw, sw):
+                transport = w.transport
+                transport.abort()
+            self.tasks.discard(task)

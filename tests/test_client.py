@@ -16,7 +16,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from client_helpers import (
+    DroppingProxy,
     FakeRaft,
+    GatedFile,
+    Recorder,
     ShortFile,
     append_request,
     error_response,
@@ -43,6 +46,7 @@ from raft_http.errors import (
     Unreachable,
 )
 from raft_http.network import Backoff, RPCOption
+from raft_http.server import raft_app
 from raft_http.types import (
     InstallSnapshotRequest,
     Node,
@@ -763,3 +767,190 @@ async def test_heartbeat_completes_during_a_slow_upload(aiohttp_server: ServerFa
             raft.snapshot_gate.set()
         await upload
         assert len(raft.installed) == 1
+
+
+# --- end to end against the real server ---------------------------------------------
+
+
+async def real_server(
+    aiohttp_server: ServerFactory, handler: Recorder, prefix: str = "", **options: Any
+) -> Node:
+    app = raft_app(handler, **options)
+    if prefix:
+        host = web.Application()
+        host.add_subapp(prefix, app)
+        app = host
+    server = await aiohttp_server(app)
+    return Node(f"http://127.0.0.1:{server.port}{prefix}")
+
+
+async def test_e2e_round_trips_with_token_and_cluster(aiohttp_server: ServerFactory) -> None:
+    handler = Recorder(my_vote=vote(1))
+    node = await real_server(aiohttp_server, handler, "/raft", token="tok", cluster="blue")
+    async with HttpNetworkFactory(token="tok", cluster="blue") as f:
+        net = f.new_client(2, node)
+        rpc = append_request(5)
+        assert await net.append_entries(rpc, OPT) == Success()
+        assert handler.appends == [rpc]
+        answer = await net.vote(vote_request(3), OPT)
+        assert answer.vote_granted
+        assert handler.votes == [vote_request(3)]
+    async with HttpNetworkFactory(token="tok", cluster="green") as f:
+        with pytest.raises(RemoteError) as info:
+            await f.new_client(2, node).append_entries(rpc, OPT)
+        assert isinstance(info.value.source, APIError)
+        assert info.value.source.kind == "cluster_mismatch"
+    async with HttpNetworkFactory(token="bad", cluster="blue") as f:
+        with pytest.raises(RemoteError) as info:
+            await f.new_client(2, node).vote(vote_request(), OPT)
+        assert isinstance(info.value.source, APIError)
+        assert info.value.source.kind == "unauthorized"
+    assert len(handler.appends) == 1
+    assert len(handler.votes) == 1
+
+
+async def test_e2e_wrong_prefix_is_a_network_error(aiohttp_server: ServerFactory) -> None:
+    """The host app's plain-text 404 (the Raft sub-app is never reached) is no Raft answer."""
+    node = await real_server(aiohttp_server, Recorder(), "/raft")
+    async with HttpNetworkFactory() as f:
+        with pytest.raises(NetworkError, match="404"):
+            await f.new_client(2, Node(node.addr.replace("/raft", "/other"))).vote(
+                vote_request(), OPT
+            )
+
+
+async def test_e2e_full_snapshot_byte_for_byte(aiohttp_server: ServerFactory) -> None:
+    handler = Recorder(my_vote=vote(1))
+    node = await real_server(aiohttp_server, handler, token="tok")
+    data = payload(5 * 1024 * 1024 + 123)
+    async with HttpNetworkFactory(token="tok") as f:
+        answer = await f.new_client(2, node).full_snapshot(
+            vote(2), snapshot_of(data, "snäp-1"), never(), RPCOption(10.0, 1024 * 1024)
+        )
+    assert answer.vote == vote(1)
+    [(got_vote, meta, digest)] = handler.installed
+    assert got_vote == vote(2)
+    assert meta == snapshot_meta("snäp-1")
+    assert digest == hashlib.sha256(data).hexdigest()
+
+
+async def test_e2e_higher_vote_refuses_the_snapshot(aiohttp_server: ServerFactory) -> None:
+    handler = Recorder(my_vote=vote(7, 3))
+    node = await real_server(aiohttp_server, handler)
+    async with HttpNetworkFactory() as f:
+        answer = await f.new_client(2, node).full_snapshot(
+            vote(2), snapshot_of(payload(2 << 20)), never(), OPT
+        )
+    assert answer.vote == vote(7, 3)
+    assert answer.vote > vote(2)
+    assert handler.installed == []
+
+
+async def test_e2e_cancel_mid_upload_is_closed(aiohttp_server: ServerFactory) -> None:
+    handler = Recorder()
+    node = await real_server(aiohttp_server, handler)
+    data = GatedFile(payload(1 << 20), open_bytes=128 * 1024)
+    cancel = never()
+    async with HttpNetworkFactory() as f:
+        net = f.new_client(2, node)
+        try:
+            task = asyncio.create_task(
+                net.full_snapshot(
+                    vote(1), Snapshot(snapshot_meta(), data), cancel, RPCOption(5.0, 64 * 1024)
+                )
+            )
+            assert await asyncio.to_thread(data.blocked.wait, 5)
+            cancel.set_result(ReplicationClosed("shutting down"))
+            with pytest.raises(Closed, match="shutting down"):
+                await task
+            assert acquired(f.snapshot_session()) == 0
+        finally:
+            data.gate.set()
+        await net.full_snapshot(vote(1), snapshot_of(b"next", "snap-2"), never(), OPT)
+    assert [meta.snapshot_id for _, meta, _ in handler.installed] == ["snap-2"]
+
+
+async def test_e2e_resume_after_a_dropped_connection(aiohttp_server: ServerFactory) -> None:
+    handler = Recorder()
+    node = await real_server(aiohttp_server, handler)
+    proxy = DroppingProxy(int(node.addr.rsplit(":", 1)[1]), after=700_000, drops=1)
+    port = await proxy.start()
+    data = payload(3 * 1024 * 1024)
+    try:
+        async with HttpNetworkFactory(max_resume_attempts=5) as f:
+            await f.new_client(2, Node(f"127.0.0.1:{port}")).full_snapshot(
+                vote(1), snapshot_of(data), never(), RPCOption(10.0, 256 * 1024)
+            )
+    finally:
+        await proxy.close()
+    assert proxy.dropped == 1
+    [(_, _, digest)] = handler.installed
+    assert digest == hashlib.sha256(data).hexdigest()
+
+
+async def test_e2e_error_kinds(aiohttp_server: ServerFactory) -> None:
+    stall = asyncio.Event()
+    slow = Recorder(stall=stall)
+    slow_node = await real_server(aiohttp_server, slow)
+    small_node = await real_server(aiohttp_server, Recorder(), max_body_size=4000)
+    fatal_node = await real_server(aiohttp_server, Recorder(fail_with=Fatal("disk on fire")))
+    async with HttpNetworkFactory() as f:
+        try:
+            with pytest.raises(Timeout):
+                await f.new_client(2, slow_node).append_entries(append_request(), SHORT)
+        finally:
+            stall.set()
+        with pytest.raises(PayloadTooLarge) as too_large:
+            await f.new_client(3, small_node).append_entries(append_request(100), OPT)
+        assert too_large.value.entries_hint == 50
+        assert too_large.value.bytes_hint == 4000
+        with pytest.raises(RemoteError) as fatal:
+            await f.new_client(4, fatal_node).vote(vote_request(), OPT)
+        assert isinstance(fatal.value.source, Fatal)
+        assert fatal.value.source.reason == "disk on fire"
+        with pytest.raises(Unreachable):
+            await f.new_client(5, Node(f"127.0.0.1:{free_port()}")).vote(vote_request(), OPT)
+
+
+async def test_e2e_install_snapshot_chunks(aiohttp_server: ServerFactory) -> None:
+    handler = Recorder()
+    node = await real_server(aiohttp_server, handler)
+    meta = snapshot_meta("chunked")
+    async with HttpNetworkFactory() as f:
+        net = f.new_client(2, node)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            await net.install_snapshot(InstallSnapshotRequest(vote(1), meta, 0, b"ab", False), OPT)
+            await net.install_snapshot(InstallSnapshotRequest(vote(1), meta, 2, b"cd", True), OPT)
+            with pytest.raises(RemoteError) as info:
+                await net.install_snapshot(
+                    InstallSnapshotRequest(vote(1), snapshot_meta("other"), 5, b"x", True), OPT
+                )
+    assert handler.installed == [(vote(1), meta, hashlib.sha256(b"abcd").hexdigest())]
+    assert isinstance(info.value.source, SnapshotMismatch)
+    assert info.value.source.got == ("other", 5)
+
+
+async def test_e2e_heartbeat_during_a_slow_upload(aiohttp_server: ServerFactory) -> None:
+    handler = Recorder()
+    node = await real_server(aiohttp_server, handler)
+    data = GatedFile(payload(1 << 20), open_bytes=128 * 1024)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as one_connection,
+        HttpNetworkFactory(one_connection) as f,
+    ):
+        net = f.new_client(2, node)
+        upload = asyncio.create_task(
+            net.full_snapshot(
+                vote(1), Snapshot(snapshot_meta(), data), never(), RPCOption(5.0, 64 * 1024)
+            )
+        )
+        try:
+            assert await asyncio.to_thread(data.blocked.wait, 5)
+            assert await net.append_entries(append_request(2), OPT) == Success()
+            assert not upload.done()
+        finally:
+            data.gate.set()
+        await upload
+    assert len(handler.appends) == 1
+    assert len(handler.installed) == 1
