@@ -954,3 +954,18 @@ async def test_e2e_heartbeat_during_a_slow_upload(aiohttp_server: ServerFactory)
         await upload
     assert len(handler.appends) == 1
     assert len(handler.installed) == 1
+
+
+async def test_cancel_coroutine_completing_first_is_closed(aiohttp_server: ServerFactory) -> None:
+    raft = FakeRaft()
+    net = await fake_server(aiohttp_server, raft)
+
+    async def closed_now() -> ReplicationClosed:
+        return ReplicationClosed("membership changed")
+
+    try:
+        with pytest.raises(Closed, match="membership changed"):
+            await net.full_snapshot(vote(1), snapshot_of(payload(1 << 20)), closed_now(), OPT)
+        assert raft.installed == []
+    finally:
+        await net.factory.close()

@@ -398,7 +398,8 @@ class HttpNetwork(RaftNetwork):
             if not upload.done():
                 upload.cancel()
                 await asyncio.gather(upload, return_exceptions=True)
-            if owns_cancel and not cancel_fut.done():
+            if owns_cancel:
+                # Only a task of our own making is ours to cancel (and its error to consume).
                 cancel_fut.cancel()
                 await asyncio.gather(cancel_fut, return_exceptions=True)
         if upload.cancelled():  # stopped because cancel came first
