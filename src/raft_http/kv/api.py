@@ -1,0 +1,332 @@
+"""The key-value application's HTTP API, after Openraft's raft-kv example.
+
+Routes (bodies are JSON; answers are JSON; errors are ``{"error": {"kind", "message", ...}}``):
+
+- ``POST /init`` ``[[1, "127.0.0.1:21001"], ...]`` (``[]``: a cluster of this node alone)
+- ``POST /add-learner`` ``[4, "127.0.0.1:21004"]``
+- ``POST /change-membership`` ``[1, 2, 3, 4]``
+- ``POST /write`` ``{"Set": {"key": "foo", "value": "bar"}}`` or ``{"Delete": {"key": "foo"}}``
+- ``POST /read`` ``"foo"`` (local, may be stale)
+- ``POST /consistent_read`` ``"foo"`` (linearizable: confirmed by a quorum first)
+- ``GET /metrics``
+
+What only the leader may do answers ``307`` to the leader's same route when this
+node is not the leader (clients that follow redirects need do nothing), or ``503``
+with ``Retry-After`` while no leader is known. Bad bodies answer ``400`` naming
+the field; this module never answers 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Annotated, Any, Final, Protocol, TypeAlias, TypeVar
+
+import msgspec
+from aiohttp import web
+from msgspec import Meta, Struct
+
+from ..client import parse_node_address
+from ..errors import APIError, Fatal, RaftError
+from ..types import LogId, Node, encode_json
+from .state_machine import InvalidCommand, KVStateMachine, decode_command
+
+logger = logging.getLogger(__name__)
+
+NodeId: TypeAlias = Annotated[int, Meta(ge=0)]
+Address: TypeAlias = Annotated[str, Meta(min_length=1, max_length=2048)]
+
+
+class RaftAPI(Protocol):
+    """What the API asks of the Raft core (``raft_http.raft.Raft`` provides it)."""
+
+    async def initialize(self, nodes: dict[int, Node]) -> None: ...
+
+    async def client_write(self, data: bytes) -> Any: ...
+
+    async def ensure_linearizable(self) -> LogId | None: ...
+
+    async def add_learner(self, node_id: int, node: Node, blocking: bool = True) -> Any: ...
+
+    async def change_membership(self, voters: Iterable[int], retain: bool = False) -> Any: ...
+
+    def metrics(self) -> Any: ...
+
+
+class ApiErrorDetail(Struct, frozen=True, omit_defaults=True):
+    """The transport's error shape, plus where the leader is for ``forward_to_leader``."""
+
+    kind: str
+    message: str
+    leader_id: int | None = None
+    leader_addr: str | None = None
+    limit: int | None = None
+
+
+class ApiErrorBody(Struct, frozen=True):
+    error: ApiErrorDetail
+
+
+class ValueResponse(Struct, frozen=True):
+    value: str | None
+
+
+_INIT_DECODER: Final = msgspec.json.Decoder(list[tuple[NodeId, Address]])
+_LEARNER_DECODER: Final = msgspec.json.Decoder(tuple[NodeId, Address])
+_VOTERS_DECODER: Final = msgspec.json.Decoder(list[NodeId])
+_KEY_DECODER: Final = msgspec.json.Decoder(str)
+
+T = TypeVar("T")
+Handler: TypeAlias = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def base_url(addr: str, scheme: str = "http") -> str:
+    """The URL a node address stands for: ``host:port`` means ``<scheme>://host:port``."""
+    if "://" in addr:
+        return addr.rstrip("/")
+    return f"{scheme}://{addr}"
+
+
+def error_response(
+    status: int,
+    kind: str,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    body = ApiErrorBody(ApiErrorDetail(kind=kind, message=message, **extra))
+    return web.Response(
+        status=status, body=encode_json(body), content_type="application/json", headers=headers
+    )
+
+
+def _json(value: Any) -> web.Response:
+    return web.Response(body=encode_json(value), content_type="application/json")
+
+
+class _BadRequest(Exception):
+    """A body that does not decode; answered 400 with msgspec's message (it names the field)."""
+
+
+def _check_address(addr: str, path: str) -> None:
+    try:
+        parse_node_address(addr)
+    except ValueError as e:
+        raise _BadRequest(f"{e} - at `{path}`") from None
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as JSON: aiohttp's own 404/405/413 and anything unexpected (500, logged)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = {
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+            415: "unsupported_media_type",
+        }.get(e.status, "bad_request" if e.status < 500 else "internal")
+        if e.status == 413:
+            return error_response(
+                413, kind, e.text or e.reason, limit=request.app.get(CLIENT_MAX_SIZE)
+            )
+        return error_response(e.status, kind, f"{e.reason}: {request.method} {request.path}")
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal server error")
+
+
+CLIENT_MAX_SIZE: Final = web.AppKey("client_max_size", int)
+
+
+class KVApi:
+    """The route handlers, bound to one node's Raft and state machine."""
+
+    def __init__(
+        self,
+        raft: RaftAPI,
+        state_machine: KVStateMachine,
+        *,
+        node_id: int,
+        addr: str,
+        scheme: str = "http",
+        write_timeout: float = 10.0,
+    ) -> None:
+        self.raft = raft
+        self.state_machine = state_machine
+        self.node_id = node_id
+        self.addr = addr
+        self.scheme = scheme
+        self.write_timeout = write_timeout
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/init", self.init),
+            web.post("/add-learner", self.add_learner),
+            web.post("/change-membership", self.change_membership),
+            web.post("/write", self.write),
+            web.post("/read", self.read),
+            web.post("/consistent_read", self.consistent_read),
+            web.get("/metrics", self.metrics),
+        ]
+
+    async def _body(self, request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
+        data = await request.read()
+        try:
+            return decoder.decode(data)
+        except msgspec.DecodeError as e:
+            raise _BadRequest(str(e)) from None
+
+    async def _call(
+        self, request: web.Request, action: Callable[[], Awaitable[web.Response]]
+    ) -> web.Response:
+        """Run a Raft call and turn what it raises into an honest HTTP answer."""
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                return await action()
+        except _BadRequest as e:
+            return error_response(400, "bad_request", str(e))
+        except TimeoutError:
+            return error_response(
+                503,
+                "timeout",
+                f"no answer from the cluster within {self.write_timeout:g}s; "
+                "a write may still be applied later",
+                headers={"Retry-After": "1"},
+            )
+        except Fatal as e:
+            return error_response(503, "fatal", f"this node has stopped: {e.reason}")
+        except APIError as e:
+            if e.kind == "forward_to_leader":
+                return self._forward(request, e)
+            return error_response(409, e.kind, e.message)
+        except RaftError as e:
+            return error_response(503, "raft_error", str(e))
+
+    def _forward(self, request: web.Request, e: APIError) -> web.Response:
+        leader_id: int | None = getattr(e, "leader_id", None)
+        leader_node: Node | None = getattr(e, "leader_node", None)
+        if leader_id is None or leader_node is None or leader_id == self.node_id:
+            return error_response(
+                503,
+                "no_leader",
+                "no leader is known yet (election in progress, or the cluster is not "
+                "initialized); retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        location = base_url(leader_node.addr, self.scheme) + request.rel_url.path
+        return error_response(
+            307,
+            "forward_to_leader",
+            f"node {self.node_id} is not the leader; send to node {leader_id} at {location}",
+            headers={"Location": location},
+            leader_id=leader_id,
+            leader_addr=leader_node.addr,
+        )
+
+    async def init(self, request: web.Request) -> web.Response:
+        async def action() -> web.Response:
+            members = await self._body(request, _INIT_DECODER)
+            if members:
+                for i, (_, addr) in enumerate(members):
+                    _check_address(addr, f"$[{i}][1]")
+                nodes = {node_id: Node(addr) for node_id, addr in members}
+                if len(nodes) != len(members):
+                    raise _BadRequest("a node id appears twice - at `$`")
+            else:
+                nodes = {self.node_id: Node(self.addr)}
+            await self.raft.initialize(nodes)
+            logger.info("initialized the cluster with %s", {k: v.addr for k, v in nodes.items()})
+            return _json({"initialized": nodes})
+
+        return await self._call(request, action)
+
+    async def add_learner(self, request: web.Request) -> web.Response:
+        async def action() -> web.Response:
+            node_id, addr = await self._body(request, _LEARNER_DECODER)
+            _check_address(addr, "$[1]")
+            resp = await self.raft.add_learner(node_id, Node(addr), blocking=True)
+            return _json({"log_id": resp.log_id, "data": resp.data})
+
+        return await self._call(request, action)
+
+    async def change_membership(self, request: web.Request) -> web.Response:
+        async def action() -> web.Response:
+            voters = await self._body(request, _VOTERS_DECODER)
+            if not voters:
+                raise _BadRequest("a membership needs at least one voter - at `$`")
+            resp = await self.raft.change_membership(set(voters), retain=False)
+            return _json({"log_id": resp.log_id, "data": resp.data})
+
+        return await self._call(request, action)
+
+    async def write(self, request: web.Request) -> web.Response:
+        async def action() -> web.Response:
+            data = await request.read()
+            try:
+                decode_command(data)
+            except InvalidCommand as e:
+                raise _BadRequest(str(e)) from None
+            resp = await self.raft.client_write(bytes(data))
+            return _json({"log_id": resp.log_id, "data": resp.data})
+
+        return await self._call(request, action)
+
+    async def read(self, request: web.Request) -> web.Response:
+        async def action() -> web.Response:
+            key = await self._body(request, _KEY_DECODER)
+            return _json(ValueResponse(self.state_machine.get(key)))
+
+        return await self._call(request, action)
+
+    async def consistent_read(self, request: web.Request) -> web.Response:
+        async def action() -> web.Response:
+            key = await self._body(request, _KEY_DECODER)
+            await self.raft.ensure_linearizable()
+            return _json(ValueResponse(self.state_machine.get(key)))
+
+        return await self._call(request, action)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return _json(self.raft.metrics())
+
+
+KV_API: Final = web.AppKey("kv_api", KVApi)
+"""The handlers' state in the app, e.g. to set ``addr`` once a free port is bound."""
+
+
+def kv_api(
+    raft: RaftAPI,
+    state_machine: KVStateMachine,
+    *,
+    node_id: int,
+    addr: str,
+    scheme: str = "http",
+    write_timeout: float = 10.0,
+    client_max_size: int = 1024**2,
+) -> web.Application:
+    """The KV API as an aiohttp app; ``KVNode`` mounts the Raft routes under it at ``/raft``.
+
+    ``addr`` is this node's address as peers and clients know it (``host:port`` or a URL);
+    ``scheme`` is what a bare ``host:port`` means in a redirect (``https`` with TLS).
+    """
+    api = KVApi(
+        raft,
+        state_machine,
+        node_id=node_id,
+        addr=addr,
+        scheme=scheme,
+        write_timeout=write_timeout,
+    )
+    app = web.Application(middlewares=[json_errors], client_max_size=client_max_size)
+    app[CLIENT_MAX_SIZE] = client_max_size
+    app[KV_API] = api
+    app.add_routes(api.routes())
+    return app
