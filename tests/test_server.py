@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import json
 import os
@@ -32,16 +33,30 @@ from raft_http.types import (
     Normal,
     VoteRequest,
 )
-from server_helpers import (
-    RecordingHandler,
-    body_stream,
-    log_id,
-    sha256_of_stream_sync,
-    snapshot_bytes,
-    snapshot_headers,
-    snapshot_meta,
-    vote,
-)
+
+# tests/ may or may not be a package (tests/__init__.py): import the helpers either way.
+try:
+    from .server_helpers import (
+        RecordingHandler,
+        body_stream,
+        log_id,
+        sha256_of_stream_sync,
+        snapshot_bytes,
+        snapshot_headers,
+        snapshot_meta,
+        vote,
+    )
+except ImportError:
+    from server_helpers import (  # type: ignore[no-redef]
+        RecordingHandler,
+        body_stream,
+        log_id,
+        sha256_of_stream_sync,
+        snapshot_bytes,
+        snapshot_headers,
+        snapshot_meta,
+        vote,
+    )
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -477,144 +492,151 @@ class RequestsDone:
                 self.finished.put_nowait(status)
 
 
-async def mounted(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], app: web.Application
-) -> tuple[TestServer, RequestsDone]:
+@contextlib.asynccontextmanager
+async def serve_mounted(
+    app: web.Application, *, handler_cancellation: bool = True
+) -> AsyncIterator[tuple[str, RequestsDone]]:
+    """Serve ``app`` under ``/raft`` of a host app; yields the base URL.
+
+    ``handler_cancellation``: aiohttp's test server cancels a handler whose client went
+    away; ``web.run_app`` does not (the handler sees ConnectionResetError): test both.
+    """
     done = RequestsDone()
     host = web.Application(middlewares=[done.middleware])
     host.add_subapp("/raft", app)
-    return await aiohttp_server(host), done
+    runner = web.AppRunner(host, handler_cancellation=handler_cancellation)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        yield f"http://127.0.0.1:{port}/raft", done
+    finally:
+        await runner.cleanup()
 
 
+@pytest.mark.parametrize("handler_cancellation", [True, False])
 async def test_resume_after_a_dropped_connection(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    handler: RecordingHandler,
-    tmp_path: Path,
+    handler: RecordingHandler, tmp_path: Path, handler_cancellation: bool
 ) -> None:
     app = raft_app(handler, spool_dir=tmp_path, read_chunk_size=64 * 1024)
-    server, done = await mounted(aiohttp_server, app)
-    url = server.make_url("/raft/snapshot")
-    total = 4_000_000
-    meta = snapshot_meta("resumable")
-    sent_enough = asyncio.Event()
+    async with serve_mounted(app, handler_cancellation=handler_cancellation) as (base, done):
+        url = f"{base}/snapshot"
+        total = 4_000_000
+        meta = snapshot_meta("resumable")
+        sent_enough = asyncio.Event()
 
-    async def then_hang() -> AsyncIterator[bytes]:
-        async for piece in body_stream(total, stop=2_500_000):
-            yield piece
-        sent_enough.set()
-        await asyncio.sleep(3600)
+        async def then_hang() -> AsyncIterator[bytes]:
+            async for piece in body_stream(total, stop=2_500_000):
+                yield piece
+            sent_enough.set()
+            await asyncio.sleep(3600)
 
-    async def offset(session: aiohttp.ClientSession) -> int:
-        async with session.head(url, headers={"Raft-Snapshot-Id": "resumable"}) as resp:
-            assert resp.status == 200
-            return int(resp.headers["Raft-Snapshot-Offset"])
+        async def offset(session: aiohttp.ClientSession) -> int:
+            async with session.head(url, headers={"Raft-Snapshot-Id": "resumable"}) as resp:
+                assert resp.status == 200
+                return int(resp.headers["Raft-Snapshot-Offset"])
 
-    async with aiohttp.ClientSession() as session:
-        upload = asyncio.create_task(
-            session.post(url, data=then_hang(), headers=snapshot_headers(vote(2), meta, total))
-        )
-        await asyncio.wait_for(sent_enough.wait(), 30)
-        for _ in range(500):  # wait until the server has written something
-            if await offset(session) > 0:
-                break
-            await asyncio.sleep(0.01)
-        upload.cancel()  # drops the connection mid-body
-        with pytest.raises(asyncio.CancelledError):
-            await upload
-        await asyncio.wait_for(done.finished.get(), 30)  # the server noticed the drop
+        async with aiohttp.ClientSession() as session:
+            upload = asyncio.create_task(
+                session.post(url, data=then_hang(), headers=snapshot_headers(vote(2), meta, total))
+            )
+            await asyncio.wait_for(sent_enough.wait(), 30)
+            for _ in range(500):  # wait until the server has written something
+                if await offset(session) > 0:
+                    break
+                await asyncio.sleep(0.01)
+            upload.cancel()  # drops the connection mid-body
+            with pytest.raises(asyncio.CancelledError):
+                await upload
+            await asyncio.wait_for(done.finished.get(), 30)  # the server noticed the drop
 
-        resume_at = await offset(session)
-        assert 0 < resume_at <= 2_500_000
-        assert len(spool_files(tmp_path)) == 1
-        assert handler.installed == []
+            resume_at = await offset(session)
+            assert 0 < resume_at <= 2_500_000
+            assert len(spool_files(tmp_path)) == 1
+            assert handler.installed == []
 
-        headers = snapshot_headers(vote(2), meta, total, offset=resume_at)
-        async with session.post(
-            url, data=body_stream(total, start=resume_at), headers=headers
-        ) as resp:
-            assert resp.status == 200, await resp.text()
-    [installed] = handler.installed
-    assert installed.size == total
-    assert installed.sha256 == sha256_of_stream_sync(total)
-    assert spool_files(tmp_path) == []
+            headers = snapshot_headers(vote(2), meta, total, offset=resume_at)
+            async with session.post(
+                url, data=body_stream(total, start=resume_at), headers=headers
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+        [installed] = handler.installed
+        assert installed.size == total
+        assert installed.sha256 == sha256_of_stream_sync(total)
+        assert spool_files(tmp_path) == []
 
 
 async def test_fresh_upload_supersedes_other_partial_spools(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    handler: RecordingHandler,
-    tmp_path: Path,
+    handler: RecordingHandler, tmp_path: Path
 ) -> None:
     # a partial spool for "old" is left by a dropped connection, then "new" starts at 0
     app = raft_app(handler, spool_dir=tmp_path)
-    server, done = await mounted(aiohttp_server, app)
-    url = server.make_url("/raft/snapshot")
-    sent = asyncio.Event()
+    async with serve_mounted(app) as (base, done):
+        url = f"{base}/snapshot"
+        sent = asyncio.Event()
 
-    async def then_hang() -> AsyncIterator[bytes]:
-        yield b"x" * 300_000
-        sent.set()
-        await asyncio.sleep(3600)
+        async def then_hang() -> AsyncIterator[bytes]:
+            yield b"x" * 300_000
+            sent.set()
+            await asyncio.sleep(3600)
 
-    async with aiohttp.ClientSession() as session:
-        upload = asyncio.create_task(
-            session.post(
-                url,
-                data=then_hang(),
-                headers=snapshot_headers(vote(2), snapshot_meta("old"), 10**6),
+        async with aiohttp.ClientSession() as session:
+            upload = asyncio.create_task(
+                session.post(
+                    url,
+                    data=then_hang(),
+                    headers=snapshot_headers(vote(2), snapshot_meta("old"), 10**6),
+                )
             )
-        )
-        await asyncio.wait_for(sent.wait(), 30)
-        await asyncio.sleep(0.05)
-        upload.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await upload
-        await asyncio.wait_for(done.finished.get(), 30)
-        assert app[SNAPSHOT_SPOOL].snapshot_ids() == ["old"]
-        headers = snapshot_headers(vote(2), snapshot_meta("new"), 5)
-        async with session.post(url, data=b"12345", headers=headers) as resp:
-            assert resp.status == 200
-        async with session.head(url, headers={"Raft-Snapshot-Id": "old"}) as resp:
-            assert resp.headers["Raft-Snapshot-Offset"] == "0"
-    assert spool_files(tmp_path) == []
-
-
-async def test_idle_partial_spool_expires(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    handler: RecordingHandler,
-    tmp_path: Path,
-) -> None:
-    app = raft_app(handler, spool_dir=tmp_path, spool_idle_timeout=0.2, read_chunk_size=1024)
-    server, done = await mounted(aiohttp_server, app)
-    url = server.make_url("/raft/snapshot")
-    sent = asyncio.Event()
-
-    async def then_hang() -> AsyncIterator[bytes]:
-        yield b"x" * 10_000
-        sent.set()
-        await asyncio.sleep(3600)
-
-    async with aiohttp.ClientSession() as session:
-        upload = asyncio.create_task(
-            session.post(
-                url, data=then_hang(), headers=snapshot_headers(vote(2), snapshot_meta(), 10**6)
-            )
-        )
-        await asyncio.wait_for(sent.wait(), 30)
-        for _ in range(500):
-            if spool_files(tmp_path):
-                break
-            await asyncio.sleep(0.01)
-        upload.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await upload
-        await asyncio.wait_for(done.finished.get(), 30)
-        for _ in range(500):  # bounded: 5 s for a 0.2 s timeout
-            if not spool_files(tmp_path):
-                break
-            await asyncio.sleep(0.01)
+            await asyncio.wait_for(sent.wait(), 30)
+            await asyncio.sleep(0.05)
+            upload.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await upload
+            await asyncio.wait_for(done.finished.get(), 30)
+            assert app[SNAPSHOT_SPOOL].snapshot_ids() == ["old"]
+            headers = snapshot_headers(vote(2), snapshot_meta("new"), 5)
+            async with session.post(url, data=b"12345", headers=headers) as resp:
+                assert resp.status == 200
+            async with session.head(url, headers={"Raft-Snapshot-Id": "old"}) as resp:
+                assert resp.headers["Raft-Snapshot-Offset"] == "0"
         assert spool_files(tmp_path) == []
-        async with session.head(url, headers={"Raft-Snapshot-Id": "snap-1"}) as resp:
-            assert resp.headers["Raft-Snapshot-Offset"] == "0"
+
+
+async def test_idle_partial_spool_expires(handler: RecordingHandler, tmp_path: Path) -> None:
+    app = raft_app(handler, spool_dir=tmp_path, spool_idle_timeout=0.2, read_chunk_size=1024)
+    async with serve_mounted(app) as (base, done):
+        url = f"{base}/snapshot"
+        sent = asyncio.Event()
+
+        async def then_hang() -> AsyncIterator[bytes]:
+            yield b"x" * 10_000
+            sent.set()
+            await asyncio.sleep(3600)
+
+        async with aiohttp.ClientSession() as session:
+            upload = asyncio.create_task(
+                session.post(
+                    url, data=then_hang(), headers=snapshot_headers(vote(2), snapshot_meta(), 10**6)
+                )
+            )
+            await asyncio.wait_for(sent.wait(), 30)
+            for _ in range(500):
+                if spool_files(tmp_path):
+                    break
+                await asyncio.sleep(0.01)
+            upload.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await upload
+            await asyncio.wait_for(done.finished.get(), 30)
+            for _ in range(500):  # bounded: 5 s for a 0.2 s timeout
+                if not spool_files(tmp_path):
+                    break
+                await asyncio.sleep(0.01)
+            assert spool_files(tmp_path) == []
+            async with session.head(url, headers={"Raft-Snapshot-Id": "snap-1"}) as resp:
+                assert resp.headers["Raft-Snapshot-Offset"] == "0"
 
 
 # --- the deprecated per-chunk protocol -------------------------------------------------

@@ -25,7 +25,7 @@ from aiohttp.typedefs import Middleware
 
 from .errors import APIError, Fatal, RaftError, SnapshotMismatch
 from .network import RaftHandler
-from .spool import OffsetMismatch, SnapshotSpool, SpoolLease, SpoolLost
+from .spool import OffsetMismatch, SnapshotSpool, SpoolError, SpoolLease, SpoolLost
 from .types import (
     APPEND_ENTRIES_REQUEST,
     APPEND_ENTRIES_RESPONSE,
@@ -414,12 +414,15 @@ async def _spool_body(request: web.Request, lease: SpoolLease, remaining: int) -
                     raise _Overlong
                 pending += piece
                 if len(pending) >= chunk:
-                    await spool.append(lease, pending)
-                    written += len(pending)
-                    pending = bytearray()
-        except (ConnectionError, ClientPayloadError):
+                    full, pending = pending, bytearray()  # cancelled mid-write: counted once
+                    await spool.append(lease, full)
+                    written += len(full)
+        except (ConnectionError, ClientPayloadError, asyncio.CancelledError):
+            # Dropped (a host app with handler_cancellation cancels us instead): keep
+            # what arrived, so the sender can resume from it.
             if pending:
-                await spool.append(lease, pending)
+                with contextlib.suppress(SpoolError):
+                    await spool.append(lease, pending)
             log.info(
                 "snapshot %r: connection lost; %d bytes held for resume",
                 lease.snapshot_id,

@@ -215,16 +215,38 @@ class SnapshotSpool:
             try:
                 await asyncio.shield(write)
             except asyncio.CancelledError:
-                # A thread cannot be stopped: forget this partial and delete its file once
-                # the write is over, so no one resumes from a count we cannot vouch for.
-                self._forget(p)
-                write.add_done_callback(lambda _: _unlink(p.path))
+                await self._settle(p, write, len(data))
                 raise
             except FileNotFoundError:
                 raise SpoolLost(f"partial snapshot {lease.snapshot_id!r} was removed") from None
             p.held += len(data)
             p.last_progress = self._clock()
             return p.held
+
+    async def _settle(self, p: _Partial, write: asyncio.Future[None], n: int) -> None:
+        """The writer was cancelled (e.g. its connection dropped) with a chunk in flight.
+
+        A thread cannot be stopped: wait for this one chunk so the count held stays
+        true and the upload stays resumable. Cancelled again while waiting, give up
+        on the partial upload rather than vouch for a count we do not know.
+        """
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            self._forget(p)
+            loop = asyncio.get_running_loop()
+
+            def unlink_when_written(done: asyncio.Future[None]) -> None:
+                if not done.cancelled():
+                    done.exception()  # retrieved: the partial is gone anyway
+                loop.run_in_executor(None, _unlink, p.path)
+
+            write.add_done_callback(unlink_when_written)
+            return
+        except OSError:
+            return  # the file was removed under us: nothing to count
+        p.held += n
+        p.last_progress = self._clock()
 
     async def open_for_install(self, lease: SpoolLease) -> BinaryIO:
         """Open the completed upload at offset 0; it stays until ``remove``."""
