@@ -77,6 +77,12 @@ _LEARNER_DECODER: Final = msgspec.json.Decoder(tuple[NodeId, Address])
 _VOTERS_DECODER: Final = msgspec.json.Decoder(list[NodeId])
 _KEY_DECODER: Final = msgspec.json.Decoder(str)
 
+_RETRYABLE_KINDS: Final = frozenset({"quorum_not_enough", "write_aborted", "write_outcome_unknown"})
+"""Core refusals that a later attempt may not get: 503 with ``Retry-After`` rather than 409.
+
+``write_aborted`` means the write was not applied; ``write_outcome_unknown`` that it may be.
+"""
+
 T = TypeVar("T")
 Handler: TypeAlias = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -206,6 +212,8 @@ class KVApi:
         except APIError as e:
             if e.kind == "forward_to_leader":
                 return self._forward(request, e)
+            if e.kind in _RETRYABLE_KINDS:
+                return error_response(503, e.kind, e.message, headers={"Retry-After": "1"})
             return error_response(409, e.kind, e.message)
         except RaftError as e:
             return error_response(503, "raft_error", str(e))
