@@ -205,8 +205,16 @@ AppendEntriesResponse: TypeAlias = Success | PartialSuccess | Conflict | HigherV
 
 
 class VoteRequest(Struct, frozen=True):
+    """Ask for a vote; ``pre_vote`` asks "would you vote?" without anyone changing state.
+
+    A candidate first runs a pre-vote round and only raises its term if a quorum
+    would grant it, so a node cut off by a partition does not come back with a
+    higher term and depose a healthy leader (Raft thesis, 9.6).
+    """
+
     vote: Vote
     last_log_id: LogId | None
+    pre_vote: bool = False
 
 
 class VoteResponse(Struct, frozen=True):

@@ -1,0 +1,30 @@
+"""A Raft core behind the transport: it speaks to peers only through ``raft_http.network``."""
+
+from .config import Config
+from .errors import ForwardToLeader, NotAllowed, QuorumNotEnough, WriteAborted, WriteOutcomeUnknown
+from .memory_store import MemoryLogStore
+from .metrics import RaftMetrics, ServerState
+from .node import ClientWriteResponse, Raft
+from .snapshot_store import SnapshotStore
+from .sqlite_store import SqliteLogStore
+from .storage import LogState, LogStore, StateMachine, StorageError
+
+__all__ = [
+    "ClientWriteResponse",
+    "Config",
+    "ForwardToLeader",
+    "LogState",
+    "LogStore",
+    "MemoryLogStore",
+    "NotAllowed",
+    "QuorumNotEnough",
+    "Raft",
+    "RaftMetrics",
+    "ServerState",
+    "SnapshotStore",
+    "SqliteLogStore",
+    "StateMachine",
+    "StorageError",
+    "WriteAborted",
+    "WriteOutcomeUnknown",
+]

@@ -1,0 +1,54 @@
+"""Tuning knobs of the Raft core, after Openraft's ``Config``, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..network import DEFAULT_SNAPSHOT_CHUNK_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Times are in seconds (Openraft uses milliseconds).
+
+    ``append_timeout``: Openraft bounds an AppendEntries by the heartbeat interval;
+    a Python follower that fsyncs each batch to SQLite needs longer, so the bound is
+    its own knob. A timed-out RPC is simply sent again.
+    """
+
+    cluster_name: str = "raft_http"
+    heartbeat_interval: float = 0.05
+    election_timeout_min: float = 0.15
+    election_timeout_max: float = 0.30
+    append_timeout: float = 1.0
+    max_payload_entries: int = 300
+    snapshot_max_chunk_size: int = DEFAULT_SNAPSHOT_CHUNK_SIZE
+    snapshot_logs_since_last: int = 5000
+    max_in_snapshot_log_to_keep: int = 1000
+    install_snapshot_timeout: float = 10.0
+    replication_lag_threshold: int = 5000
+    enable_heartbeat: bool = True
+    enable_elect: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.heartbeat_interval <= 0:
+            problems.append("heartbeat_interval must be > 0")
+        if not 0 < self.election_timeout_min < self.election_timeout_max:
+            problems.append("need 0 < election_timeout_min < election_timeout_max")
+        if self.heartbeat_interval >= self.election_timeout_min:
+            problems.append("heartbeat_interval must be < election_timeout_min")
+        if self.append_timeout <= 0 or self.install_snapshot_timeout <= 0:
+            problems.append("timeouts must be > 0")
+        if self.max_payload_entries < 1:
+            problems.append("max_payload_entries must be >= 1")
+        if self.snapshot_max_chunk_size < 1:
+            problems.append("snapshot_max_chunk_size must be >= 1")
+        if self.snapshot_logs_since_last < 1:
+            problems.append("snapshot_logs_since_last must be >= 1")
+        if self.max_in_snapshot_log_to_keep < 0 or self.replication_lag_threshold < 0:
+            problems.append(
+                "max_in_snapshot_log_to_keep and replication_lag_threshold must be >= 0"
+            )
+        if problems:
+            raise ValueError("invalid raft Config: " + "; ".join(problems))

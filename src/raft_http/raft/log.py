@@ -1,0 +1,89 @@
+"""The in-memory mirror of the log that is not yet purged.
+
+The durable copy lives in a ``LogStore``; the core keeps the unpurged tail in
+memory too (snapshots bound its length), so replication and apply never wait on
+storage reads.
+"""
+
+from __future__ import annotations
+
+from ..types import Entry, LogId, log_index
+
+
+class RaftLog:
+    __slots__ = ("_entries", "last_purged")
+
+    def __init__(
+        self, last_purged: LogId | None = None, entries: list[Entry] | None = None
+    ) -> None:
+        self.last_purged = last_purged
+        self._entries: list[Entry] = list(entries or [])
+        first = self.first_index
+        for offset, entry in enumerate(self._entries):
+            if entry.log_id.index != first + offset:
+                raise ValueError(f"log is not consecutive at {entry.log_id}")
+
+    @property
+    def first_index(self) -> int:
+        """Index of the first entry held (also when none is held)."""
+        return log_index(self.last_purged) + 1
+
+    @property
+    def last_log_id(self) -> LogId | None:
+        return self._entries[-1].log_id if self._entries else self.last_purged
+
+    @property
+    def last_index(self) -> int:
+        return log_index(self.last_log_id)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def log_id_at(self, index: int) -> LogId | None:
+        """The log id at ``index`` (None for -1); KeyError if purged (but the last) or beyond."""
+        if index == -1:
+            return None
+        if self.last_purged is not None and index == self.last_purged.index:
+            return self.last_purged
+        pos = index - self.first_index
+        if 0 <= pos < len(self._entries):
+            return self._entries[pos].log_id
+        raise KeyError(index)
+
+    def matches(self, log_id: LogId | None) -> bool:
+        """Whether the log holds exactly ``log_id`` (None, the empty prefix, always matches)."""
+        if log_id is None:
+            return True
+        try:
+            return self.log_id_at(log_id.index) == log_id
+        except KeyError:
+            return False
+
+    def entry(self, index: int) -> Entry:
+        pos = index - self.first_index
+        if pos < 0 or pos >= len(self._entries):
+            raise KeyError(index)
+        return self._entries[pos]
+
+    def slice(self, start: int, stop: int) -> list[Entry]:
+        """Entries with ``start <= index < stop``; ``start`` must not be purged."""
+        if start < self.first_index:
+            raise KeyError(start)
+        first = self.first_index
+        return self._entries[start - first : max(0, stop - first)]
+
+    def append(self, entries: list[Entry]) -> None:
+        if entries and entries[0].log_id.index != self.last_index + 1:
+            raise ValueError(f"append at {entries[0].log_id.index}, expected {self.last_index + 1}")
+        self._entries.extend(entries)
+
+    def truncate(self, since: int) -> None:
+        """Drop entries with ``index >= since``."""
+        del self._entries[max(0, since - self.first_index) :]
+
+    def purge(self, upto: LogId) -> None:
+        """Drop entries with ``index <= upto.index``; ``upto`` becomes the last purged id."""
+        if self.last_purged is not None and upto.index <= self.last_purged.index:
+            return
+        del self._entries[: max(0, upto.index - self.first_index + 1)]
+        self.last_purged = upto

@@ -1,0 +1,39 @@
+"""What a node reports about itself; JSON-encodable, served by ``GET /metrics``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from msgspec import Struct
+
+from ..types import LogId, StoredMembership, Vote
+
+
+class ServerState(StrEnum):
+    FOLLOWER = "Follower"
+    CANDIDATE = "Candidate"
+    LEADER = "Leader"
+    LEARNER = "Learner"
+    SHUTDOWN = "Shutdown"
+
+
+class RaftMetrics(Struct, frozen=True):
+    """A node's state at one moment (after Openraft's ``RaftMetrics``).
+
+    ``replication`` maps each target to its matched log id, on the leader only.
+    """
+
+    id: int
+    state: ServerState
+    current_term: int
+    vote: Vote
+    last_log_index: int
+    last_applied: LogId | None
+    committed: LogId | None
+    snapshot: LogId | None
+    purged: LogId | None
+    current_leader: int | None
+    membership_config: StoredMembership
+    replication: dict[int, LogId | None] | None
+    running: bool
+    fatal: str | None = None

@@ -1,0 +1,952 @@
+"""The Raft node: roles, elections, the log, commit and apply, membership and snapshots.
+
+It talks to peers only through a ``RaftNetworkFactory`` and to disk only through a
+``LogStore``, a ``SnapshotStore`` and the application's ``StateMachine``; it never
+imports aiohttp. It implements ``RaftHandler``, so any transport's server can
+hand it incoming RPCs.
+
+Concurrency: one asyncio loop. ``_lock`` serialises every change of vote or log
+(each awaits storage); ``_sm_lock`` serialises the state machine (apply, snapshot
+capture, snapshot install). Lock order: ``_lock`` before ``_sm_lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, BinaryIO, Final
+
+import msgspec
+from msgspec import Struct
+
+from ..errors import Fatal, RaftHttpError
+from ..network import RaftNetworkFactory, RPCOption
+from ..types import (
+    AppendEntriesRequest,
+    AppendEntriesResponse,
+    Blank,
+    Conflict,
+    Entry,
+    EntryPayload,
+    HigherVote,
+    LeaderId,
+    LogId,
+    Membership,
+    MembershipChange,
+    Node,
+    Normal,
+    Snapshot,
+    SnapshotMeta,
+    SnapshotResponse,
+    StoredMembership,
+    Success,
+    Vote,
+    VoteRequest,
+    VoteResponse,
+    log_id_key,
+    log_index,
+)
+from .config import Config
+from .errors import (
+    ForwardToLeader,
+    NotAllowed,
+    QuorumNotEnough,
+    WriteAborted,
+    WriteOutcomeUnknown,
+)
+from .log import RaftLog
+from .metrics import RaftMetrics, ServerState
+from .quorum import committed_index, is_quorum
+from .replication import Replicator
+from .snapshot_store import SnapshotStore
+from .storage import LogStore, StateMachine, StorageError
+
+log = logging.getLogger(__name__)
+
+_RAW_JSON: Final = msgspec.json.Decoder(msgspec.Raw)
+_EMPTY_MEMBERSHIP: Final = StoredMembership(None, Membership([], {}))
+_APPLY_BATCH: Final = 1000
+
+
+class ClientWriteResponse(Struct, frozen=True):
+    """A committed and applied write: where it sits in the log and what the state machine said."""
+
+    log_id: LogId
+    data: Any = None
+
+
+class _LeaderState:
+    """What only a leader has: a replication stream per target and the writes to propose."""
+
+    def __init__(self) -> None:
+        self.replicators: dict[int, Replicator] = {}
+        self.pending: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]] = []
+        self.propose_event = asyncio.Event()
+        self.proposer: asyncio.Task[None] | None = None
+
+
+class Raft:
+    """A Raft node. Build it with ``await Raft.create(...)``; stop it with ``await shutdown()``."""
+
+    def __init__(
+        self,
+        node_id: int,
+        config: Config,
+        network: RaftNetworkFactory,
+        log_store: LogStore,
+        state_machine: StateMachine,
+        snapshot_store: SnapshotStore,
+    ) -> None:
+        self.id = node_id
+        self.config = config
+        self.network = network
+        self.log_store = log_store
+        self.state_machine = state_machine
+        self.snapshot_store = snapshot_store
+
+        self.log = RaftLog()
+        self.committed: LogId | None = None
+        self._vote = Vote(LeaderId(0, 0))
+        self._last_applied: LogId | None = None
+        self._snapshot: SnapshotMeta | None = None
+        self._memberships: list[StoredMembership] = [_EMPTY_MEMBERSHIP]
+        self._state = ServerState.FOLLOWER
+        self._leader_id: int | None = None
+        self._leader: _LeaderState | None = None
+        self._lease_until = 0.0
+        self._election_deadline = 0.0
+        self._term_hint = 0
+        self._fatal: str | None = None
+        self._running = False
+        self._building_snapshot = False
+
+        self._lock = asyncio.Lock()
+        self._sm_lock = asyncio.Lock()
+        self._membership_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._commit_event = asyncio.Event()
+        self._waiters: dict[int, tuple[LogId, asyncio.Future[ClientWriteResponse]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop = asyncio.get_running_loop()
+
+    # --- life cycle ------------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        node_id: int,
+        config: Config,
+        network: RaftNetworkFactory,
+        log_store: LogStore,
+        state_machine: StateMachine,
+        snapshot_store: SnapshotStore,
+    ) -> Raft:
+        """Load the durable state, rebuild the state machine, and start the node's timers."""
+        raft = cls(node_id, config, network, log_store, state_machine, snapshot_store)
+        await raft._load()
+        raft._running = True
+        raft._reset_election_deadline()
+        raft._spawn(raft._election_loop(), "election")
+        raft._spawn(raft._apply_loop(), "apply")
+        raft._update_role()
+        return raft
+
+    async def _load(self) -> None:
+        self._vote = await self.log_store.read_vote() or self._vote
+        state = await self.log_store.get_log_state()
+        first = log_index(state.last_purged_log_id) + 1
+        entries = await self.log_store.read_entries(first, log_index(state.last_log_id) + 1)
+        self.log = RaftLog(state.last_purged_log_id, entries)
+        if self.log.last_log_id != state.last_log_id:
+            raise StorageError(f"log store returned a gap: ends at {self.log.last_log_id}")
+        self._snapshot = await self.snapshot_store.latest()
+        snap_last = self._snapshot.last_log_id if self._snapshot else None
+        if log_index(self.log.last_purged) > log_index(snap_last):
+            raise StorageError(
+                f"the log is purged up to {self.log.last_purged} but the newest valid snapshot"
+                f" ends at {snap_last}: the state machine cannot be rebuilt; restore the data"
+                " directory or wipe it to rejoin as a new node"
+            )
+        if self._snapshot is not None:
+            snapshot = await self.snapshot_store.open_latest()
+            assert snapshot is not None
+            try:
+                await self.state_machine.install_snapshot(snapshot.data)
+            finally:
+                await asyncio.to_thread(snapshot.data.close)
+            self._memberships = [self._snapshot.last_membership]
+            self._last_applied = snap_last
+        base = log_index(self._memberships[-1].log_id)
+        for entry in self.log.slice(max(self.log.first_index, base + 1), self.log.last_index + 1):
+            self._track_membership(entry)
+        committed = await self.log_store.read_committed()
+        if log_index(committed) > self.log.last_index:
+            committed = self.log.last_log_id
+        self.committed = max(committed, snap_last, key=log_id_key)
+        await self._apply_committed()
+        log.info(
+            "node %s loaded: vote %s, log %s..%s, applied %s",
+            self.id,
+            self._vote,
+            self.log.last_purged,
+            self.log.last_log_id,
+            self._last_applied,
+        )
+
+    async def shutdown(self) -> None:
+        """Stop every task; pending writes fail with ``Fatal``. Storage is left to its owner."""
+        if not self._running:
+            return
+        self._running = False
+        self._stop_leading("shutdown")
+        self._state = ServerState.SHUTDOWN
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_waiters(lambda _: True, lambda: Fatal("node shut down"))
+        self._notify()
+
+    def fail(self, reason: str) -> None:
+        """Stop the node after an error it must not continue past (storage, a bug)."""
+        if self._fatal is None:
+            log.error("node %s stops: %s", self.id, reason)
+            self._fatal = reason
+        self._stop_leading(reason)
+        self._running = False
+        self._state = ServerState.SHUTDOWN
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._fail_waiters(lambda _: True, lambda: Fatal(reason))
+        self._notify()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = self._loop.create_task(self._guard(coro), name=f"raft-{self.id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Fatal:
+            pass
+        except Exception as e:
+            self.fail(f"{type(e).__name__}: {e}")
+
+    def _check_running(self) -> None:
+        if self._fatal is not None:
+            raise Fatal(self._fatal)
+        if not self._running:
+            raise Fatal("node is shut down")
+
+    # --- small helpers ------------------------------------------------------------------
+
+    @property
+    def membership(self) -> StoredMembership:
+        """The effective membership: the last one in the log, committed or not."""
+        return self._memberships[-1]
+
+    def _membership_at(self, index: int) -> StoredMembership:
+        for stored in reversed(self._memberships):
+            if log_index(stored.log_id) <= index:
+                return stored
+        return self._memberships[0]
+
+    def current_vote(self) -> Vote:
+        return self._vote
+
+    def is_leader_of(self, vote: Vote) -> bool:
+        return self._running and self._leader is not None and self._vote == vote
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _reset_election_deadline(self) -> None:
+        timeout = random.uniform(self.config.election_timeout_min, self.config.election_timeout_max)
+        self._election_deadline = self._loop.time() + timeout
+
+    def _update_role(self) -> None:
+        if self._leader is not None or not self._running:
+            return
+        if self._state is ServerState.CANDIDATE:
+            return
+        voter = self.membership.membership.is_voter(self.id)
+        self._state = ServerState.FOLLOWER if voter else ServerState.LEARNER
+
+    def _track_membership(self, entry: Entry) -> None:
+        if isinstance(entry.payload, MembershipChange):
+            self._memberships.append(StoredMembership(entry.log_id, entry.payload.membership))
+
+    def _forget_memberships_since(self, index: int) -> None:
+        while len(self._memberships) > 1 and log_index(self._memberships[-1].log_id) >= index:
+            self._memberships.pop()
+
+    def _leader_node(self) -> Node | None:
+        if self._leader_id is None:
+            return None
+        return self.membership.membership.nodes.get(self._leader_id)
+
+    def _fail_waiters(
+        self, which: Callable[[int], bool], error: Callable[[], BaseException]
+    ) -> None:
+        for index in [i for i in self._waiters if which(i)]:
+            _, future = self._waiters.pop(index)
+            if not future.done():
+                future.set_exception(error())
+
+    # --- metrics ------------------------------------------------------------------------
+
+    def metrics(self) -> RaftMetrics:
+        replication = None
+        if self._leader is not None:
+            replication = {t: r.matching for t, r in self._leader.replicators.items()}
+        return RaftMetrics(
+            id=self.id,
+            state=self._state,
+            current_term=self._vote.term,
+            vote=self._vote,
+            last_log_index=self.log.last_index,
+            last_applied=self._last_applied,
+            committed=self.committed,
+            snapshot=self._snapshot.last_log_id if self._snapshot else None,
+            purged=self.log.last_purged,
+            current_leader=self._leader_id,
+            membership_config=self.membership,
+            replication=replication,
+            running=self._running,
+            fatal=self._fatal,
+        )
+
+    async def wait_for(
+        self, predicate: Callable[[RaftMetrics], bool], timeout: float, msg: str = ""
+    ) -> RaftMetrics:
+        """Wait until ``predicate(metrics)`` holds; ``TimeoutError`` after ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    changed = self._changed
+                    metrics = self.metrics()
+                    if predicate(metrics):
+                        return metrics
+                    await changed.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"node {self.id}: timed out after {timeout}s waiting for {msg or 'a condition'}"
+            ) from None
+
+    async def _wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                while not condition():
+                    self._check_running()
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # --- elections ----------------------------------------------------------------------
+
+    async def _election_loop(self) -> None:
+        while self._running:
+            now = self._loop.time()
+            if self._leader is not None or not self.config.enable_elect:
+                self._reset_election_deadline()
+                await asyncio.sleep(self.config.election_timeout_min)
+                continue
+            if now < self._election_deadline:
+                await asyncio.sleep(self._election_deadline - now)
+                continue
+            self._reset_election_deadline()
+            if self.membership.membership.is_voter(self.id):
+                await self._elect()
+
+    async def _elect(self) -> None:
+        term = max(self._vote.term, self._term_hint) + 1
+        candidate = Vote(LeaderId(term, self.id))
+        if not await self._collect_votes(candidate, pre_vote=True):
+            return
+        async with self._lock:
+            if self._leader is not None or self._vote.term >= term or not self._running:
+                return
+            await self._save_vote(candidate)
+            self._state = ServerState.CANDIDATE
+            self._leader_id = None
+            self._reset_election_deadline()
+            self._notify()
+        log.info("node %s starts election for term %s", self.id, term)
+        granted = await self._collect_votes(candidate, pre_vote=False)
+        async with self._lock:
+            if not granted or self._vote != candidate or not self._running:
+                if self._state is ServerState.CANDIDATE and self._vote != candidate:
+                    self._state = ServerState.FOLLOWER
+                    self._update_role()
+                return
+            await self._become_leader(candidate)
+
+    async def _collect_votes(self, candidate: Vote, *, pre_vote: bool) -> bool:
+        membership = self.membership.membership
+        configs = membership.configs
+        granted = {self.id}
+        if is_quorum(configs, granted):
+            return True
+        rpc = VoteRequest(candidate, self.log.last_log_id, pre_vote=pre_vote)
+        option = RPCOption(hard_ttl=self.config.election_timeout_max)
+        voters = membership.voter_ids() - {self.id}
+
+        async def ask(target: int) -> tuple[int, VoteResponse | None]:
+            node = membership.nodes.get(target)
+            if node is None:
+                return target, None
+            try:
+                return target, await self.network.new_client(target, node).vote(rpc, option)
+            except RaftHttpError as e:
+                log.debug("vote request to %s failed: %s", target, e)
+                return target, None
+
+        pending = {asyncio.create_task(ask(t)) for t in voters}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    target, response = task.result()
+                    if response is None:
+                        continue
+                    if response.vote_granted:
+                        granted.add(target)
+                        if is_quorum(configs, granted):
+                            return True
+                    elif response.vote.term >= candidate.term:
+                        self._term_hint = max(self._term_hint, response.vote.term)
+                        if not pre_vote and response.vote > self._vote:
+                            await self.on_higher_vote(response.vote, f"vote from {target}")
+                            return False
+            return False
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _become_leader(self, candidate: Vote) -> None:
+        """Called with ``_lock`` held, after a quorum granted ``candidate``."""
+        vote = candidate.committed_vote()
+        await self._save_vote(vote)
+        self._state = ServerState.LEADER
+        self._leader_id = self.id
+        leader = self._leader = _LeaderState()
+        log.info("node %s is leader of term %s", self.id, vote.term)
+        self._sync_replicators()
+        leader.proposer = self._spawn(self._propose_loop(leader), "propose")
+        # A blank entry of our own term lets earlier terms' entries commit.
+        blank: asyncio.Future[ClientWriteResponse] = self._loop.create_future()
+        blank.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it
+        leader.pending.insert(0, (Blank(), blank))
+        leader.propose_event.set()
+        self._notify()
+
+    def _stop_leading(self, reason: str) -> None:
+        leader, self._leader = self._leader, None
+        if leader is None:
+            return
+        for replicator in leader.replicators.values():
+            replicator.stop(reason)
+        if leader.proposer is not None and leader.proposer is not asyncio.current_task():
+            leader.proposer.cancel()
+        for _, future in leader.pending:
+            if not future.done():
+                future.set_exception(ForwardToLeader(None, None))
+        leader.pending.clear()
+        if self._state is ServerState.LEADER:
+            self._state = ServerState.FOLLOWER
+        self._leader_id = None
+        self._update_role()
+
+    async def on_higher_vote(self, vote: Vote, why: str) -> None:
+        """A peer has a greater vote: adopt it and stop leading."""
+        async with self._lock:
+            if not vote > self._vote:
+                return
+            log.info("node %s sees higher vote %s (%s); steps down", self.id, vote, why)
+            await self._save_vote(vote)
+            self._stop_leading("higher vote")
+            if self._state is ServerState.CANDIDATE:
+                self._state = ServerState.FOLLOWER
+            self._leader_id = vote.leader_id.node_id if vote.committed else None
+            self._update_role()
+            self._notify()
+
+    async def _save_vote(self, vote: Vote) -> None:
+        try:
+            await self.log_store.save_vote(vote)
+        except StorageError as e:
+            self.fail(f"saving the vote failed: {e}")
+            raise Fatal(str(e)) from e
+        self._vote = vote
+
+    # --- RaftHandler: incoming RPCs ---------------------------------------------------
+
+    async def vote(self, rpc: VoteRequest) -> VoteResponse:
+        self._check_running()
+        async with self._lock:
+            self._check_running()
+            now = self._loop.time()
+            mine = self._vote
+            last = self.log.last_log_id
+
+            def answer(granted: bool) -> VoteResponse:
+                return VoteResponse(self._vote, granted, last)
+
+            leased = self._leader is not None or (mine.committed and now < self._lease_until)
+            if leased and rpc.vote.leader_id != mine.leader_id:
+                return answer(False)
+            if log_id_key(rpc.last_log_id) < log_id_key(last):
+                return answer(False)
+            if rpc.pre_vote:
+                return answer(rpc.vote.term > mine.term or rpc.vote >= mine)
+            if not rpc.vote >= mine:
+                return answer(False)
+            if rpc.vote != mine:
+                await self._save_vote(rpc.vote)
+                self._stop_leading("granted a vote")
+                self._state = ServerState.FOLLOWER
+                self._leader_id = None
+                self._update_role()
+                self._notify()
+            self._reset_election_deadline()
+            return answer(True)
+
+    async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
+        self._check_running()
+        async with self._lock:
+            self._check_running()
+            if not await self._accept_leader(rpc.vote):
+                return HigherVote(self._vote)
+            prev = rpc.prev_log_id
+            if log_index(prev) > log_index(self.log.last_purged) and not self.log.matches(prev):
+                return Conflict()
+            try:
+                await self._append_from_leader(rpc.entries)
+            except StorageError as e:
+                self.fail(f"appending entries failed: {e}")
+                raise Fatal(str(e)) from e
+            last_matching = rpc.entries[-1].log_id if rpc.entries else prev
+            if rpc.leader_commit is not None:
+                upto = min(rpc.leader_commit.index, log_index(last_matching))
+                if upto > log_index(self.committed):
+                    self.committed = self.log.log_id_at(upto)
+                    self._commit_event.set()
+            self._notify()
+            return Success()
+
+    async def _accept_leader(self, vote: Vote) -> bool:
+        """With ``_lock`` held: follow the sender of ``vote`` unless ours is greater."""
+        if not vote >= self._vote:
+            return False
+        if vote != self._vote:
+            await self._save_vote(vote)
+        if self._leader is not None and vote.leader_id.node_id != self.id:
+            self._stop_leading("another leader")
+        if self._state is ServerState.CANDIDATE:
+            self._state = ServerState.FOLLOWER
+        self._leader_id = vote.leader_id.node_id
+        self._lease_until = self._loop.time() + self.config.election_timeout_min
+        self._reset_election_deadline()
+        self._update_role()
+        return True
+
+    async def _append_from_leader(self, entries: list[Entry]) -> None:
+        """Skip what we hold, truncate at the first conflict, append the rest."""
+        purged = log_index(self.log.last_purged)
+        start = 0
+        conflict: int | None = None
+        while start < len(entries):
+            log_id = entries[start].log_id
+            if log_id.index > self.log.last_index:
+                break
+            if log_id.index > purged and self.log.log_id_at(log_id.index) != log_id:
+                conflict = log_id.index
+                break
+            start += 1
+        if conflict is not None:
+            if conflict <= log_index(self.committed):
+                raise StorageError(f"leader sent an entry at {conflict} over {self.committed}")
+            await self.log_store.truncate(conflict)
+            self.log.truncate(conflict)
+            self._forget_memberships_since(conflict)
+            self._fail_waiters(
+                lambda i: i >= conflict, lambda: WriteAborted("another leader overwrote the entry")
+            )
+        new = entries[start:]
+        if not new:
+            return
+        await self.log_store.append(new)
+        self.log.append(new)
+        for entry in new:
+            self._track_membership(entry)
+        self._update_role()
+
+    async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
+        self._check_running()
+        async with self._lock:
+            self._check_running()
+            if not await self._accept_leader(vote):
+                return SnapshotResponse(self._vote)
+            meta = snapshot.meta
+            if log_id_key(meta.last_log_id) <= log_id_key(self.committed):
+                return SnapshotResponse(self._vote)
+            try:
+                await self.snapshot_store.save_from(meta, snapshot.data)
+                await self._install_snapshot(meta)
+            except StorageError as e:
+                self.fail(f"installing snapshot {meta.snapshot_id} failed: {e}")
+                raise Fatal(str(e)) from e
+            self._notify()
+            return SnapshotResponse(self._vote)
+
+    async def _install_snapshot(self, meta: SnapshotMeta) -> None:
+        last = meta.last_log_id
+        assert last is not None
+        async with self._sm_lock:
+            stored = await self.snapshot_store.open_latest()
+            if stored is None or stored.meta != meta:
+                raise StorageError(f"snapshot {meta.snapshot_id} not found after saving it")
+            try:
+                await self.state_machine.install_snapshot(stored.data)
+            finally:
+                await asyncio.to_thread(stored.data.close)
+            if not self.log.matches(last):
+                await self.log_store.truncate(last.index + 1)
+                self.log.truncate(last.index + 1)
+                self._fail_waiters(
+                    lambda i: i > last.index, lambda: WriteAborted("overwritten by a snapshot")
+                )
+            await self.log_store.purge(last)
+            self.log.purge(last)
+            self._fail_waiters(
+                lambda i: i <= last.index,
+                lambda: WriteOutcomeUnknown("a snapshot was installed over the entry"),
+            )
+            self._memberships = [meta.last_membership] + [
+                m for m in self._memberships if log_index(m.log_id) > last.index
+            ]
+            self.committed = last
+            self._last_applied = last
+            self._snapshot = meta
+            await self.log_store.save_committed(last)
+            self._update_role()
+        log.info("node %s installed snapshot %s up to %s", self.id, meta.snapshot_id, last)
+
+    # --- leader: proposing, replicating, committing --------------------------------------
+
+    def _sync_replicators(self) -> None:
+        leader = self._leader
+        if leader is None:
+            return
+        nodes = self.membership.membership.nodes
+        for target in [t for t in leader.replicators if t not in nodes]:
+            leader.replicators.pop(target).stop("removed from membership")
+        for target, node in nodes.items():
+            if target != self.id and target not in leader.replicators:
+                network = self.network.new_client(target, node)
+                replicator = Replicator(self, self._vote, target, node, network)
+                leader.replicators[target] = replicator
+                self._tasks.add(replicator.task)
+                replicator.task.add_done_callback(self._tasks.discard)
+
+    async def _propose_loop(self, leader: _LeaderState) -> None:
+        while self._leader is leader:
+            await leader.propose_event.wait()
+            leader.propose_event.clear()
+            async with self._lock:
+                if self._leader is not leader or not leader.pending:
+                    continue
+                batch, leader.pending = leader.pending, []
+                await self._append_as_leader(batch)
+
+    async def _append_as_leader(
+        self, batch: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]]
+    ) -> None:
+        leader_id = self._vote.leader_id
+        first = self.log.last_index + 1
+        entries = [Entry(LogId(leader_id, first + i), p) for i, (p, _) in enumerate(batch)]
+        try:
+            await self.log_store.append(entries)
+        except StorageError as e:
+            self.fail(f"appending entries failed: {e}")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(Fatal(str(e)))
+            raise Fatal(str(e)) from e
+        self.log.append(entries)
+        membership_changed = False
+        for entry, (_, future) in zip(entries, batch, strict=True):
+            self._waiters[entry.log_id.index] = (entry.log_id, future)
+            if isinstance(entry.payload, MembershipChange):
+                self._track_membership(entry)
+                membership_changed = True
+        if membership_changed:
+            self._sync_replicators()
+        assert self._leader is not None
+        for replicator in self._leader.replicators.values():
+            replicator.wake.set()
+        self._update_commit()
+        self._notify()
+
+    def on_replicated(self, replicator: Replicator) -> None:
+        """A target acknowledged entries or a heartbeat: maybe commit, wake read-index waiters."""
+        self._update_commit()
+        self._notify()
+
+    def _matched_index(self, node_id: int) -> int:
+        if node_id == self.id:
+            return self.log.last_index
+        leader = self._leader
+        replicator = leader.replicators.get(node_id) if leader else None
+        return log_index(replicator.matching) if replicator else -1
+
+    def _update_commit(self) -> None:
+        if self._leader is None:
+            return
+        index = committed_index(self.membership.membership.configs, self._matched_index)
+        if index <= log_index(self.committed):
+            return
+        log_id = self.log.log_id_at(index)
+        if log_id is not None and log_id.term == self._vote.term:
+            self.committed = log_id
+            self._commit_event.set()
+
+    # --- applying committed entries -----------------------------------------------------
+
+    async def _apply_loop(self) -> None:
+        while self._running:
+            await self._commit_event.wait()
+            self._commit_event.clear()
+            await self._apply_committed()
+            committed = self.committed
+            if self._leader is not None and not self._membership_at(
+                log_index(committed)
+            ).membership.is_voter(self.id):
+                log.info("node %s is no longer a voter; steps down", self.id)
+                self._stop_leading("removed from the voters")
+                self._notify()
+            with contextlib.suppress(StorageError):
+                await self.log_store.save_committed(committed)
+
+    async def _apply_committed(self) -> None:
+        async with self._sm_lock:
+            while log_index(self._last_applied) < log_index(self.committed):
+                start = log_index(self._last_applied) + 1
+                stop = min(log_index(self.committed) + 1, start + _APPLY_BATCH)
+                entries = self.log.slice(start, stop)
+                responses = await self.state_machine.apply(entries)
+                self._last_applied = entries[-1].log_id
+                for entry, response in zip(entries, responses, strict=True):
+                    waiter = self._waiters.pop(entry.log_id.index, None)
+                    if waiter is None:
+                        continue
+                    expected, future = waiter
+                    if future.done():
+                        continue
+                    if expected == entry.log_id:
+                        future.set_result(ClientWriteResponse(entry.log_id, response))
+                    else:
+                        future.set_exception(WriteAborted("another leader overwrote the entry"))
+                self._notify()
+            due = log_index(self._last_applied) - log_index(self._snapshot_last())
+            if due >= self.config.snapshot_logs_since_last and not self._building_snapshot:
+                self._begin_snapshot()
+
+    def _snapshot_last(self) -> LogId | None:
+        return self._snapshot.last_log_id if self._snapshot else None
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    def _begin_snapshot(self) -> None:
+        """With ``_sm_lock`` held: capture the state now, write and purge in the background."""
+        last = self._last_applied
+        assert last is not None
+        meta = SnapshotMeta(
+            last_log_id=last,
+            last_membership=self._membership_at(last.index),
+            snapshot_id=f"{last.leader_id.term}-{last.leader_id.node_id}-{last.index}-"
+            f"{uuid.uuid4().hex[:8]}",
+        )
+        writer = self.state_machine.begin_snapshot()
+        self._building_snapshot = True
+        self._spawn(self._finish_snapshot(meta, writer), "snapshot")
+
+    async def _finish_snapshot(
+        self, meta: SnapshotMeta, writer: Callable[[BinaryIO], None]
+    ) -> None:
+        try:
+            await self.snapshot_store.save(meta, writer)
+            last = meta.last_log_id
+            assert last is not None
+            async with self._lock:
+                if log_index(last) > log_index(self._snapshot_last()):
+                    self._snapshot = meta
+                upto = last.index - self.config.max_in_snapshot_log_to_keep
+                if upto > log_index(self.log.last_purged) and upto >= self.log.first_index:
+                    purge_id = self.log.log_id_at(upto)
+                    assert purge_id is not None
+                    await self.log_store.purge(purge_id)
+                    self.log.purge(purge_id)
+                    keep = self._membership_at(upto)
+                    self._memberships = [keep] + [
+                        m for m in self._memberships if log_index(m.log_id) > upto
+                    ]
+            log.info("node %s built snapshot %s", self.id, meta.snapshot_id)
+            self._notify()
+        finally:
+            self._building_snapshot = False
+            self._commit_event.set()  # the apply loop checks whether another one is due
+
+    async def trigger_snapshot(self) -> None:
+        """Build a snapshot of what is applied now (Openraft's ``trigger().snapshot()``)."""
+        self._check_running()
+        async with self._sm_lock:
+            if self._last_applied is None or self._building_snapshot:
+                return
+            self._begin_snapshot()
+
+    # --- client API -----------------------------------------------------------------------
+
+    def _require_leader(self) -> _LeaderState:
+        self._check_running()
+        if self._leader is None:
+            raise ForwardToLeader(self._leader_id, self._leader_node())
+        return self._leader
+
+    async def client_write(self, data: bytes) -> ClientWriteResponse:
+        """Propose one application command (JSON); return once it is committed and applied."""
+        try:
+            raw = _RAW_JSON.decode(data)
+        except msgspec.DecodeError as e:
+            raise ValueError(f"a command must be one JSON value: {e}") from e
+        return await self._propose(Normal(raw))
+
+    async def _propose(self, payload: EntryPayload) -> ClientWriteResponse:
+        leader = self._require_leader()
+        future: asyncio.Future[ClientWriteResponse] = self._loop.create_future()
+        leader.pending.append((payload, future))
+        leader.propose_event.set()
+        return await future
+
+    async def initialize(self, nodes: dict[int, Node]) -> None:
+        """Make this node's log start with ``nodes`` as the voters; only on a pristine node."""
+        self._check_running()
+        if self.id not in nodes:
+            raise NotAllowed(f"node {self.id} must be one of the initial members {sorted(nodes)}")
+        async with self._lock:
+            if self.log.last_log_id is not None or self._vote.term != 0:
+                raise NotAllowed(f"node {self.id} is already initialized")
+            membership = Membership([sorted(nodes)], dict(nodes))
+            entry = Entry(LogId(LeaderId(0, 0), 0), MembershipChange(membership))
+            await self.log_store.append([entry])
+            self.log.append([entry])
+            self._track_membership(entry)
+            self._update_role()
+            self._election_deadline = self._loop.time()  # elect now, not after a timeout
+            self._notify()
+        log.info("node %s initialized with %s", self.id, sorted(nodes))
+
+    async def ensure_linearizable(self) -> LogId | None:
+        """Confirm leadership with a quorum and wait until the read index is applied.
+
+        A read served after this returns sees every write acknowledged before it began.
+        """
+        leader = self._require_leader()
+        deadline = self.config.election_timeout_max * 4
+        term = self._vote.term
+        if not await self._wait_until(
+            lambda: self.committed is not None and self.committed.term == term, deadline
+        ):
+            raise QuorumNotEnough("the leader's first entry did not commit in time")
+        read_index = self.committed
+        started = self._loop.time()
+        for replicator in leader.replicators.values():
+            replicator.wake.set()
+
+        def confirmed() -> bool:
+            if self._leader is not leader:
+                raise ForwardToLeader(self._leader_id, self._leader_node())
+            acked = {t for t, r in leader.replicators.items() if r.acked_at >= started}
+            return is_quorum(self.membership.membership.configs, acked | {self.id})
+
+        if not await self._wait_until(confirmed, deadline):
+            raise QuorumNotEnough("a quorum did not confirm the leader in time")
+        if not await self._wait_until(
+            lambda: log_index(self._last_applied) >= log_index(read_index), deadline
+        ):
+            raise QuorumNotEnough("the read index was not applied in time")
+        return read_index
+
+    async def add_learner(
+        self, node_id: int, node: Node, blocking: bool = True, timeout: float = 60.0
+    ) -> ClientWriteResponse:
+        """Add a non-voting member; with ``blocking``, return once it has caught up."""
+        self._require_leader()
+        async with self._membership_lock:
+            await self._wait_membership_committed()
+            current = self.membership
+            if current.membership.nodes.get(node_id) == node:
+                assert current.log_id is not None
+                response = ClientWriteResponse(current.log_id)
+            elif node_id in current.membership.nodes:
+                raise NotAllowed(f"node {node_id} is already a member at another address")
+            else:
+                nodes = {**current.membership.nodes, node_id: node}
+                membership = Membership(current.membership.configs, nodes)
+                response = await self._propose(MembershipChange(membership))
+        if blocking:
+            target = response.log_id.index
+            await self.wait_for(
+                lambda m: m.replication is None or log_index(m.replication.get(node_id)) >= target,
+                timeout,
+                f"learner {node_id} to catch up",
+            )
+            self._require_leader()
+        return response
+
+    async def change_membership(
+        self, voters: Iterable[int], retain: bool = False
+    ) -> ClientWriteResponse:
+        """Make ``voters`` the voters via a joint config; ``retain`` keeps removed voters."""
+        new_voters = sorted(set(voters))
+        if not new_voters:
+            raise NotAllowed("the new membership needs at least one voter")
+        self._require_leader()
+        async with self._membership_lock:
+            await self._wait_membership_committed()
+            current = self.membership.membership
+            missing = [n for n in new_voters if n not in current.nodes]
+            if missing:
+                raise NotAllowed(f"nodes {missing} are not members; add them as learners first")
+            if current.is_joint():
+                current = Membership([current.configs[-1]], current.nodes)
+                await self._propose(MembershipChange(current))
+            old_voters = current.configs[0]
+            if sorted(old_voters) != new_voters:
+                joint = Membership([old_voters, new_voters], current.nodes)
+                await self._propose(MembershipChange(joint))
+            nodes = {
+                n: addr
+                for n, addr in current.nodes.items()
+                if retain or n in new_voters or n not in old_voters
+            }
+            return await self._propose(MembershipChange(Membership([new_voters], nodes)))
+
+    async def _wait_membership_committed(self) -> None:
+        def committed() -> bool:
+            self._require_leader()
+            return log_index(self.membership.log_id) <= log_index(self.committed)
+
+        if not await self._wait_until(committed, self.config.election_timeout_max * 10):
+            raise QuorumNotEnough("the current membership did not commit in time")

@@ -1,0 +1,160 @@
+"""One replication stream from the leader to one target: heartbeats, log batches, snapshots.
+
+Each stream keeps one request in flight, sends as soon as there is something new
+(or a heartbeat is due), and reacts to each answer and error kind the way the
+network contract says: back off when unreachable, shrink the batch when too large,
+search back for the match point on conflict, step down on a higher vote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from ..errors import (
+    Closed,
+    NetworkError,
+    PayloadTooLarge,
+    RaftHttpError,
+    RemoteError,
+    ReplicationClosed,
+    Timeout,
+    Unreachable,
+)
+from ..network import Backoff, RaftNetwork, RPCOption
+from ..types import (
+    AppendEntriesRequest,
+    Conflict,
+    HigherVote,
+    LogId,
+    Node,
+    PartialSuccess,
+    Success,
+    Vote,
+    log_index,
+)
+
+if TYPE_CHECKING:
+    from .node import Raft
+
+log = logging.getLogger(__name__)
+
+
+class Replicator:
+    """The leader's view of one target (its progress) and the task that drives it."""
+
+    def __init__(self, raft: Raft, vote: Vote, target: int, node: Node, network: RaftNetwork):
+        self.raft = raft
+        self.vote = vote
+        self.target = target
+        self.node = node
+        self.network = network
+        self.matching: LogId | None = None
+        self.next_index = raft.log.last_index + 1
+        self.entries_limit = raft.config.max_payload_entries
+        self.acked_at = float("-inf")
+        """Loop time at which the last acknowledged request was sent (for read-index checks)."""
+        self.wake = asyncio.Event()
+        self.closed: asyncio.Future[ReplicationClosed] = asyncio.get_running_loop().create_future()
+        self.task = asyncio.create_task(self._run(), name=f"raft-{raft.id}-replicate-{target}")
+
+    def stop(self, reason: str) -> None:
+        if not self.closed.done():
+            self.closed.set_result(ReplicationClosed(reason))
+        self.task.cancel()
+
+    async def _run(self) -> None:
+        backoff: Backoff | None = None
+        heartbeat = self.raft.config.heartbeat_interval
+        try:
+            while self.raft.is_leader_of(self.vote):
+                if self.next_index > self.raft.log.last_index:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), heartbeat)
+                    if not self.raft.is_leader_of(self.vote):
+                        return
+                self.wake.clear()
+                try:
+                    await self._send_once()
+                    backoff = None
+                except Unreachable as e:
+                    backoff = backoff or self.network.backoff()
+                    delay = next(backoff)
+                    log.debug("node %s unreachable (%s); retry in %.3fs", self.target, e, delay)
+                    await asyncio.sleep(delay)
+                except PayloadTooLarge as e:
+                    self.entries_limit = max(1, min(self.entries_limit - 1, e.entries_hint))
+                    log.info(
+                        "node %s: payload too large; %d entries", self.target, self.entries_limit
+                    )
+                except (Timeout, NetworkError, RemoteError) as e:
+                    log.debug("replication to %s failed: %s", self.target, e)
+                    await asyncio.sleep(heartbeat)
+                except Closed:
+                    return
+                except RaftHttpError as e:
+                    log.warning("replication to %s: %s", self.target, e)
+                    await asyncio.sleep(heartbeat)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug here must not leave a zombie leader
+            self.raft.fail(f"replication to node {self.target} crashed: {e!r}")
+            raise
+
+    async def _send_once(self) -> None:
+        raft = self.raft
+        prev_index = self.next_index - 1
+        if prev_index < log_index(raft.log.last_purged):
+            await self._send_snapshot()
+            return
+        prev_log_id = raft.log.log_id_at(prev_index)
+        entries = raft.log.slice(self.next_index, self.next_index + self.entries_limit)
+        rpc = AppendEntriesRequest(self.vote, prev_log_id, entries, raft.committed)
+        sent_at = asyncio.get_running_loop().time()
+        option = RPCOption(hard_ttl=raft.config.append_timeout)
+        response = await self.network.append_entries(rpc, option)
+        if not raft.is_leader_of(self.vote):
+            return
+        match response:
+            case Success():
+                self._matched(entries[-1].log_id if entries else prev_log_id, sent_at)
+            case PartialSuccess(matching=matching):
+                self._matched(matching, sent_at)
+            case Conflict():
+                # The follower lacks prev_log_id: halve the distance to the known match.
+                if log_index(self.matching) >= prev_index:  # it lost what it had acknowledged
+                    self.matching = None
+                self.next_index = (log_index(self.matching) + prev_index) // 2 + 1
+            case HigherVote(vote=vote):
+                await raft.on_higher_vote(vote, f"append_entries to node {self.target}")
+
+    def _matched(self, matching: LogId | None, sent_at: float) -> None:
+        if log_index(matching) > log_index(self.matching):
+            self.matching = matching
+        self.next_index = log_index(self.matching) + 1
+        self.acked_at = max(self.acked_at, sent_at)
+        self.raft.on_replicated(self)
+
+    async def _send_snapshot(self) -> None:
+        raft = self.raft
+        snapshot = await raft.snapshot_store.open_latest()
+        if snapshot is None:
+            raise NetworkError(f"no snapshot to send to node {self.target} yet")
+        try:
+            option = RPCOption(
+                hard_ttl=raft.config.install_snapshot_timeout,
+                snapshot_chunk_size=raft.config.snapshot_max_chunk_size,
+            )
+            sent_at = asyncio.get_running_loop().time()
+            log.info("sending snapshot %s to node %s", snapshot.meta.snapshot_id, self.target)
+            response = await self.network.full_snapshot(self.vote, snapshot, self.closed, option)
+        finally:
+            await asyncio.to_thread(snapshot.data.close)
+        if not raft.is_leader_of(self.vote):
+            return
+        if response.vote > self.vote:
+            await raft.on_higher_vote(response.vote, f"snapshot to node {self.target}")
+            return
+        self._matched(snapshot.meta.last_log_id, sent_at)

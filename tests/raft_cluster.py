@@ -1,0 +1,117 @@
+"""An in-process cluster of Raft cores over ``raft_http.testing.MemoryRouter``, for core tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgspec
+
+from raft_http.raft import Config, MemoryLogStore, Raft, RaftMetrics, ServerState, SnapshotStore
+from raft_http.raft.storage import LogStore
+from raft_http.testing import MemoryRouter
+from raft_http.types import Entry, Node, Normal
+
+FAST = Config(heartbeat_interval=0.02, election_timeout_min=0.08, election_timeout_max=0.16)
+
+
+class ListStateMachine:
+    """Applies each command by appending it to a list; the response is the list's new length."""
+
+    def __init__(self) -> None:
+        self.applied: list[Any] = []
+
+    async def apply(self, entries: Sequence[Entry]) -> list[Any]:
+        responses: list[Any] = []
+        for entry in entries:
+            if isinstance(entry.payload, Normal):
+                self.applied.append(msgspec.json.decode(entry.payload.data))
+                responses.append(len(self.applied))
+            else:
+                responses.append(None)
+        return responses
+
+    def begin_snapshot(self) -> Any:
+        data = list(self.applied)
+
+        def write(out: BinaryIO) -> None:
+            out.write(msgspec.json.encode(data))
+
+        return write
+
+    async def install_snapshot(self, data: BinaryIO) -> None:
+        self.applied = msgspec.json.decode(await asyncio.to_thread(data.read))
+
+
+class Cluster:
+    """Nodes that keep their stores across ``stop``/``restart``, as a process keeps its disk."""
+
+    def __init__(self, tmp_path: Path, config: Config = FAST) -> None:
+        self.tmp_path = tmp_path
+        self.config = config
+        self.router = MemoryRouter(backoff_seconds=0.02)
+        self.stores: dict[int, LogStore] = {}
+        self.machines: dict[int, ListStateMachine] = {}
+        self.nodes: dict[int, Raft] = {}
+
+    def node(self, node_id: int) -> Node:
+        return Node(f"mem-{node_id}")
+
+    async def start(self, node_id: int, store: LogStore | None = None) -> Raft:
+        if store is not None:
+            self.stores[node_id] = store
+        store = self.stores.setdefault(node_id, MemoryLogStore())
+        machine = self.machines[node_id] = ListStateMachine()
+        snapshots = SnapshotStore(self.tmp_path / f"snapshots-{node_id}")
+        raft = await Raft.create(
+            node_id, self.config, self.router.factory(node_id), store, machine, snapshots
+        )
+        self.nodes[node_id] = raft
+        self.router.register(node_id, raft)
+        return raft
+
+    async def stop(self, node_id: int) -> None:
+        self.router.unregister(node_id)
+        await self.nodes.pop(node_id).shutdown()
+
+    async def restart(self, node_id: int) -> Raft:
+        if node_id in self.nodes:
+            await self.stop(node_id)
+        return await self.start(node_id)
+
+    async def initialized(self, ids: Sequence[int]) -> Raft:
+        """Start ``ids``, initialize the first with all of them, and return the elected leader."""
+        for node_id in ids:
+            await self.start(node_id)
+        await self.nodes[ids[0]].initialize({i: self.node(i) for i in ids})
+        return await self.leader()
+
+    async def leader(self, timeout: float = 5.0, among: Sequence[int] | None = None) -> Raft:
+        """The one node that leads and whose leadership a quorum has confirmed by committing."""
+        ids = list(among if among is not None else self.nodes)
+        async with asyncio.timeout(timeout):
+            while True:
+                for node_id in ids:
+                    m = self.nodes[node_id].metrics()
+                    if (
+                        m.state is ServerState.LEADER
+                        and m.committed is not None
+                        and m.committed.leader_id.term == m.current_term
+                    ):
+                        return self.nodes[node_id]
+                await asyncio.sleep(0.01)
+
+    async def wait_all(self, predicate: Any, timeout: float = 5.0, msg: str = "") -> None:
+        await asyncio.gather(*(n.wait_for(predicate, timeout, msg) for n in self.nodes.values()))
+
+    async def wait_applied(self, index: int, timeout: float = 5.0) -> None:
+        def applied(m: RaftMetrics) -> bool:
+            return m.last_applied is not None and m.last_applied.index >= index
+
+        await self.wait_all(applied, timeout, f"applied index {index}")
+
+    async def close(self) -> None:
+        for node_id in list(self.nodes):
+            await self.stop(node_id)

@@ -1,0 +1,384 @@
+"""The Raft core over the in-memory network: the paper's claims, each as a test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from raft_cluster import FAST, Cluster
+from raft_http.errors import Fatal
+from raft_http.raft import (
+    Config,
+    ForwardToLeader,
+    MemoryLogStore,
+    NotAllowed,
+    QuorumNotEnough,
+    ServerState,
+    SqliteLogStore,
+    StorageError,
+    WriteAborted,
+)
+from raft_http.types import Vote
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def cmd(n: int) -> bytes:
+    return json.dumps({"n": n}).encode()
+
+
+async def log_ids(c: Cluster, node_id: int) -> list[tuple[int, int]]:
+    store = c.stores[node_id]
+    state = await store.get_log_state()
+    start = -1 if state.last_purged_log_id is None else state.last_purged_log_id.index
+    entries = await store.read_entries(start + 1, 1 << 62)
+    return [(e.log_id.term, e.log_id.index) for e in entries]
+
+
+async def test_single_node_elects_itself_and_applies_writes(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1])
+    first = await leader.client_write(cmd(1))
+    second = await leader.client_write(cmd(2))
+    assert (first.data, second.data) == (1, 2)
+    assert second.log_id.index == first.log_id.index + 1
+    assert cluster.machines[1].applied == [{"n": 1}, {"n": 2}]
+
+
+async def test_three_nodes_elect_one_leader_and_replicate(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    results = await asyncio.gather(*(leader.client_write(cmd(i)) for i in range(50)))
+    assert sorted(r.data for r in results) == list(range(1, 51))
+    last = max(r.log_id.index for r in results)
+    await cluster.wait_applied(last)
+    expected = cluster.machines[leader.id].applied
+    for node_id in (1, 2, 3):
+        assert cluster.machines[node_id].applied == expected
+    leaders = [n for n in cluster.nodes.values() if n.metrics().state is ServerState.LEADER]
+    assert leaders == [leader]
+    for node_id in (1, 2, 3):
+        assert cluster.nodes[node_id].metrics().current_leader == leader.id
+
+
+async def test_concurrent_writes_are_batched_into_few_appends(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    follower = next(i for i in cluster.nodes if i != leader.id)
+    before = cluster.router.sent[(leader.id, follower, "append")]
+    await asyncio.gather(*(leader.client_write(cmd(i)) for i in range(200)))
+    appends = cluster.router.sent[(leader.id, follower, "append")] - before
+    assert appends < 100, f"200 writes took {appends} appends to one follower"
+
+
+async def test_follower_refuses_writes_and_names_the_leader(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    follower = next(n for i, n in cluster.nodes.items() if i != leader.id)
+    await follower.wait_for(lambda m: m.current_leader == leader.id, 2)
+    with pytest.raises(ForwardToLeader) as info:
+        await follower.client_write(cmd(1))
+    assert info.value.leader_id == leader.id
+    assert info.value.leader_node == cluster.node(leader.id)
+    with pytest.raises(ForwardToLeader):
+        await follower.ensure_linearizable()
+
+
+async def test_write_must_be_json(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1])
+    with pytest.raises(ValueError, match="JSON"):
+        await leader.client_write(b"{not json")
+    assert cluster.machines[1].applied == []
+
+
+async def test_initialize_twice_is_refused(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    with pytest.raises(NotAllowed):
+        await leader.initialize({1: cluster.node(1)})
+
+
+async def test_failover_keeps_every_acknowledged_write(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    acked = [await leader.client_write(cmd(i)) for i in range(20)]
+    old_term = leader.metrics().current_term
+    await cluster.stop(leader.id)
+    new_leader = await cluster.leader()
+    assert new_leader.metrics().current_term > old_term
+    more = await new_leader.client_write(cmd(100))
+    await new_leader.wait_for(lambda m: m.last_applied == more.log_id, 2)
+    applied = cluster.machines[new_leader.id].applied
+    assert applied[:20] == [{"n": i} for i in range(20)]
+    assert applied[-1] == {"n": 100}
+    assert len(acked) == 20
+
+
+async def test_at_most_one_leader_per_term_under_churn(cluster: Cluster) -> None:
+    await cluster.initialized([1, 2, 3, 4, 5])
+    seen: dict[int, set[int]] = {}
+    rng = random.Random(7)
+    stop = asyncio.Event()
+
+    async def observe() -> None:
+        while not stop.is_set():
+            for node_id, node in cluster.nodes.items():
+                m = node.metrics()
+                if m.state is ServerState.LEADER:
+                    seen.setdefault(m.current_term, set()).add(node_id)
+            await asyncio.sleep(0.002)
+
+    observer = asyncio.create_task(observe())
+    try:
+        for _ in range(12):
+            victims = rng.sample(sorted(cluster.nodes), 2)
+            cluster.router.partition(set(victims), set(cluster.nodes) - set(victims))
+            await asyncio.sleep(rng.uniform(0.05, 0.3))
+            cluster.router.heal()
+            await asyncio.sleep(rng.uniform(0.05, 0.2))
+    finally:
+        stop.set()
+        await observer
+    assert seen, "no leader was ever observed"
+    assert all(len(leaders) == 1 for leaders in seen.values()), seen
+    await cluster.leader()
+
+
+async def test_minority_leader_cannot_commit_and_its_entries_are_replaced(
+    cluster: Cluster,
+) -> None:
+    old = await cluster.initialized([1, 2, 3])
+    committed = await old.client_write(cmd(1))
+    others = [i for i in cluster.nodes if i != old.id]
+    cluster.router.partition({old.id}, set(others))
+    doomed = asyncio.create_task(old.client_write(cmd(666)))
+    new = await cluster.leader(among=others)
+    winner = await new.client_write(cmd(2))
+    assert not doomed.done()
+    cluster.router.heal()
+    await cluster.wait_applied(winner.log_id.index)
+    with pytest.raises(WriteAborted, match="overwrote"):
+        await asyncio.wait_for(doomed, 5)
+    logs = [await log_ids(cluster, i) for i in (1, 2, 3)]
+    shortest = min(len(x) for x in logs)
+    assert logs[0][:shortest] == logs[1][:shortest] == logs[2][:shortest]
+    for node_id in (1, 2, 3):
+        applied = cluster.machines[node_id].applied
+        assert {"n": 666} not in applied
+        assert applied[:2] == [{"n": 1}, {"n": 2}]
+    assert committed.log_id.index < winner.log_id.index
+
+
+async def test_rejoining_node_does_not_depose_a_healthy_leader(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    term = leader.metrics().current_term
+    loner = next(i for i in cluster.nodes if i != leader.id)
+    cluster.router.isolate(loner)
+    await asyncio.sleep(FAST.election_timeout_max * 5)  # it would have run several elections
+    cluster.router.isolate(loner, on=False)
+    write = await leader.client_write(cmd(1))
+    await cluster.wait_applied(write.log_id.index)
+    assert leader.metrics().state is ServerState.LEADER
+    assert leader.metrics().current_term == term
+    assert cluster.nodes[loner].metrics().current_term == term
+
+
+async def test_linearizable_read_needs_a_quorum(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    write = await leader.client_write(cmd(1))
+    read_index = await leader.ensure_linearizable()
+    assert read_index is not None
+    assert read_index.index >= write.log_id.index
+    cluster.router.isolate(leader.id)
+    with pytest.raises((QuorumNotEnough, ForwardToLeader)):
+        await leader.ensure_linearizable()
+
+
+async def test_lagging_follower_catches_up_by_snapshot(tmp_path: Path) -> None:
+    config = Config(
+        heartbeat_interval=0.02,
+        election_timeout_min=0.08,
+        election_timeout_max=0.16,
+        snapshot_logs_since_last=20,
+        max_in_snapshot_log_to_keep=5,
+    )
+    c = Cluster(tmp_path, config)
+    try:
+        leader = await c.initialized([1, 2, 3])
+        lagging = next(i for i in c.nodes if i != leader.id)
+        c.router.isolate(lagging)
+        for i in range(80):
+            await leader.client_write(cmd(i))
+        await leader.wait_for(lambda m: m.purged is not None and m.purged.index > 20, 5)
+        c.router.isolate(lagging, on=False)
+        last = leader.metrics().last_applied
+        assert last is not None
+        await c.nodes[lagging].wait_for(lambda m: m.last_applied == last, 5, "catch up")
+        assert c.router.sent[(leader.id, lagging, "snapshot")] >= 1
+        assert c.machines[lagging].applied == c.machines[leader.id].applied
+        assert c.nodes[lagging].metrics().snapshot is not None
+        # A restart rebuilds the state from the snapshot plus the log tail.
+        await c.restart(lagging)
+        await c.nodes[lagging].wait_for(lambda m: m.last_applied == last, 5, "reload")
+        assert c.machines[lagging].applied == c.machines[leader.id].applied
+    finally:
+        await c.close()
+
+
+async def test_payload_too_large_shrinks_batches(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    follower = next(i for i in cluster.nodes if i != leader.id)
+    cluster.router.set_max_entries(follower, 3)
+    results = await asyncio.gather(*(leader.client_write(cmd(i)) for i in range(40)))
+    last = max(r.log_id.index for r in results)
+    await cluster.nodes[follower].wait_for(
+        lambda m: m.last_applied is not None and m.last_applied.index >= last, 5
+    )
+    assert cluster.machines[follower].applied == cluster.machines[leader.id].applied
+    replicator = leader._leader.replicators[follower]  # type: ignore[union-attr]
+    assert replicator.entries_limit <= 3, "the core did not shrink its batches"
+
+
+async def test_restart_keeps_vote_log_and_state(cluster: Cluster) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    writes = [await leader.client_write(cmd(i)) for i in range(10)]
+    await cluster.wait_applied(writes[-1].log_id.index)
+    votes = {i: n.metrics().vote for i, n in cluster.nodes.items()}
+    for node_id in (1, 2, 3):
+        await cluster.stop(node_id)
+    for node_id in (1, 2, 3):
+        node = await cluster.start(node_id)
+        assert node.metrics().vote >= votes[node_id]
+    new_leader = await cluster.leader()
+    write = await new_leader.client_write(cmd(10))
+    await cluster.wait_applied(write.log_id.index)
+    for node_id in (1, 2, 3):
+        assert cluster.machines[node_id].applied == [{"n": i} for i in range(11)]
+
+
+async def test_restart_from_sqlite(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    try:
+        for i in (1, 2, 3):
+            await c.start(i, await SqliteLogStore.open(tmp_path / f"log-{i}.db"))
+        await c.nodes[1].initialize({i: c.node(i) for i in (1, 2, 3)})
+        leader = await c.leader()
+        writes = [await leader.client_write(cmd(i)) for i in range(5)]
+        await c.wait_applied(writes[-1].log_id.index)
+        for i in (1, 2, 3):
+            await c.stop(i)
+            await c.stores[i].close()
+        for i in (1, 2, 3):
+            await c.start(i, await SqliteLogStore.open(tmp_path / f"log-{i}.db"))
+        leader = await c.leader()
+        await leader.ensure_linearizable()
+        assert c.machines[leader.id].applied == [{"n": i} for i in range(5)]
+    finally:
+        await c.close()
+        for store in c.stores.values():
+            with contextlib.suppress(Exception):
+                await store.close()
+
+
+async def test_add_learner_then_change_membership_and_remove_the_leader(
+    cluster: Cluster,
+) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    for i in range(5):
+        await leader.client_write(cmd(i))
+    await cluster.start(4)
+    await leader.add_learner(4, cluster.node(4))
+    m4 = cluster.nodes[4].metrics()
+    assert m4.state is ServerState.LEARNER
+    assert cluster.machines[4].applied == cluster.machines[leader.id].applied
+    with pytest.raises(NotAllowed):
+        await leader.change_membership([1, 2, 9])
+    await leader.change_membership([1, 2, 3, 4])
+    assert leader.metrics().membership_config.membership.configs == [[1, 2, 3, 4]]
+    await cluster.wait_all(lambda m: m.state is not ServerState.LEARNER, 5, "4 is a voter")
+    remaining = [i for i in (1, 2, 3, 4) if i != leader.id]
+    await leader.change_membership(remaining)
+    await leader.wait_for(lambda m: m.state is not ServerState.LEADER, 5, "old leader steps down")
+    new = await cluster.leader(among=remaining)
+    write = await new.client_write(cmd(99))
+    for node_id in remaining:
+        await cluster.nodes[node_id].wait_for(lambda m: m.last_applied == write.log_id, 5)
+    assert new.metrics().membership_config.membership.configs == [sorted(remaining)]
+    assert leader.id not in new.metrics().membership_config.membership.nodes
+
+
+class FailingStore(MemoryLogStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_appends = False
+
+    async def append(self, entries: object) -> None:  # type: ignore[override]
+        if self.fail_appends:
+            raise StorageError("disk on fire")
+        await super().append(entries)  # type: ignore[arg-type]
+
+
+async def test_storage_failure_stops_the_node(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    try:
+        store = FailingStore()
+        await c.start(1, store)
+        await c.nodes[1].initialize({1: c.node(1)})
+        leader = await c.leader()
+        await leader.client_write(cmd(1))
+        store.fail_appends = True
+        with pytest.raises(Fatal):
+            await leader.client_write(cmd(2))
+        m = leader.metrics()
+        assert m.state is ServerState.SHUTDOWN
+        assert m.fatal
+        assert "disk on fire" in m.fatal
+        with pytest.raises(Fatal):
+            await leader.client_write(cmd(3))
+        assert c.machines[1].applied == [{"n": 1}]
+    finally:
+        await c.close()
+
+
+class OrderRecordingStore(MemoryLogStore):
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    async def save_vote(self, vote: Vote) -> None:
+        await asyncio.sleep(0.01)
+        await super().save_vote(vote)
+        self.events.append(f"saved {vote.leader_id.term}:{vote.leader_id.node_id}")
+
+
+async def test_vote_is_durable_before_it_is_granted(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    events: list[str] = []
+    try:
+        await c.start(1)
+        await c.start(2, OrderRecordingStore(events))
+        from raft_http.types import LeaderId, VoteRequest
+
+        response = await c.nodes[2].vote(VoteRequest(Vote(LeaderId(5, 1)), None))
+        assert response.vote_granted
+        assert events == ["saved 5:1"]
+        again = await c.nodes[2].vote(VoteRequest(Vote(LeaderId(5, 3)), None))
+        assert not again.vote_granted, "granted two candidates in one term"
+    finally:
+        await c.close()
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="election_timeout"):
+        Config(election_timeout_min=0.3, election_timeout_max=0.2)
+    with pytest.raises(ValueError, match="heartbeat"):
+        Config(heartbeat_interval=0.2)
+    with pytest.raises(ValueError, match="max_payload_entries"):
+        Config(max_payload_entries=0)
