@@ -195,13 +195,13 @@ class SqliteLogStore:
             raise StorageError(f"the log store {self.path} is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except StorageError:
-            raise
-        except (sqlite3.Error, msgspec.DecodeError, OSError) as exc:
-            raise StorageError(f"the log store {self.path} failed: {exc}") from exc
+            future = loop.run_in_executor(self._executor, fn, *args)
         except RuntimeError as exc:  # the executor was shut down under us
             raise StorageError(f"the log store {self.path} is closed") from exc
+        try:
+            return await future
+        except (sqlite3.Error, msgspec.DecodeError, OSError) as exc:
+            raise StorageError(f"the log store {self.path} failed: {exc}") from exc
 
     async def read_vote(self) -> Vote | None:
         if self._closed:
