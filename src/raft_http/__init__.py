@@ -1,4 +1,11 @@
-"""raft_http: a Raft network over HTTP/JSON, after Openraft's ``RaftNetwork``."""
+"""raft_http: a Raft network over HTTP/JSON, after Openraft's ``RaftNetwork``.
+
+The HTTP pieces (``raft_app``, ``HttpNetworkFactory``, ``HttpNetwork``) are
+re-exported lazily, so ``import raft_http`` (and the Raft core, which imports the
+contract from here) never pulls in aiohttp.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     APIError,
@@ -47,7 +54,29 @@ from .types import (
     VoteResponse,
 )
 
+if TYPE_CHECKING:
+    from .client import HttpNetwork, HttpNetworkFactory
+    from .server import raft_app
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "HttpNetwork": "client",
+    "HttpNetworkFactory": "client",
+    "raft_app": "server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "APIError",
@@ -61,6 +90,8 @@ __all__ = [
     "EntryPayload",
     "Fatal",
     "HigherVote",
+    "HttpNetwork",
+    "HttpNetworkFactory",
     "InstallSnapshotError",
     "InstallSnapshotRequest",
     "InstallSnapshotResponse",
@@ -97,4 +128,5 @@ __all__ = [
     "VoteRequest",
     "VoteResponse",
     "__version__",
+    "raft_app",
 ]
