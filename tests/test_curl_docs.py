@@ -139,3 +139,10 @@ def test_every_curl_example_answers_as_documented(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_readme_shows_the_same_commands() -> None:
+    """The README's curl section is docs/curl.md's, so the run above checks it too."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- curl:begin -->", 1)[1].split("<!-- curl:end -->", 1)[0]
+    assert parse(section) == parse(DOC.read_text())
