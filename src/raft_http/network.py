@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import math
 import random
 import warnings
 from collections.abc import Awaitable, Iterator
@@ -45,8 +46,8 @@ class RPCOption:
     snapshot_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.hard_ttl > 0:
-            raise ValueError(f"hard_ttl must be > 0 seconds, got {self.hard_ttl!r}")
+        if not 0 < self.hard_ttl < math.inf:
+            raise ValueError(f"hard_ttl must be finite and > 0 seconds, got {self.hard_ttl!r}")
         if self.snapshot_chunk_size is not None and self.snapshot_chunk_size <= 0:
             raise ValueError(f"snapshot_chunk_size must be > 0, got {self.snapshot_chunk_size!r}")
 
@@ -78,8 +79,8 @@ class Backoff:
 
     @classmethod
     def constant(cls, seconds: float = 0.5) -> Backoff:
-        if seconds < 0:
-            raise ValueError("a backoff cannot be negative")
+        if not 0 <= seconds < math.inf:
+            raise ValueError(f"a backoff must be finite and not negative, got {seconds!r}")
         return cls(itertools.repeat(seconds))
 
     @classmethod
@@ -96,8 +97,9 @@ class Backoff:
 
         Jitter keeps the followers of a restarted leader from retrying in lockstep.
         """
-        if initial <= 0 or cap < initial or multiplier < 1 or not 0 <= jitter <= 1:
-            raise ValueError("need 0 < initial <= cap, multiplier >= 1 and 0 <= jitter <= 1")
+        finite = all(math.isfinite(x) for x in (initial, cap, multiplier, jitter))
+        if not (finite and 0 < initial <= cap and multiplier >= 1 and 0 <= jitter <= 1):
+            raise ValueError("need finite 0 < initial <= cap, multiplier >= 1 and 0 <= jitter <= 1")
         rand = rng or random.Random()
 
         def durations() -> Iterator[float]:
