@@ -171,7 +171,7 @@ async def writes(
 
 
 async def bench_writes(tmp: Path, quick: bool) -> None:
-    plan = ((1, 40), (16, 300), (128, 1000)) if quick else ((1, 1500), (16, 6000), (128, 15000))
+    plan = ((1, 40), (16, 300), (128, 1000)) if quick else ((1, 3000), (16, 20000), (128, 60000))
     budget = 1.5 if quick else 10.0
     results: dict[tuple[bool, int], tuple[float, int, list[float]]] = {}
     for http in (False, True):
@@ -235,7 +235,7 @@ async def failover(tmp: Path, http: bool) -> float:
 
 
 async def bench_failover(tmp: Path, quick: bool) -> None:
-    runs = 1 if quick else 5
+    runs = 1 if quick else 7
     rows = []
     for http in (False, True):
         times = []
