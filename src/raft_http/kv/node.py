@@ -1,0 +1,187 @@
+"""One key-value node: storage, state machine, network, Raft core and one HTTP server.
+
+The server is ONE aiohttp app: the KV API at the root (``/write``, ``/metrics`` ...)
+and the Raft routes mounted under ``/raft`` (``/raft/append``, ``/raft/vote``,
+``/raft/snapshot``). aiohttp cannot mount a sub-app at the root, and mounting it
+as a sub-app keeps its middlewares, limits and cleanup intact. A node's address
+in the membership is its plain base (``127.0.0.1:21001``, as in Openraft's
+example): clients and redirects use it as is, and ``RaftPathNetworkFactory``
+appends ``/raft`` when a peer's transport is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+
+from ..client import HttpNetworkFactory
+from ..network import RaftNetwork, RaftNetworkFactory
+from ..raft import Config, Raft, SnapshotStore, SqliteLogStore
+from ..server import raft_app
+from ..types import Node
+from .api import KV_API, base_url, kv_api
+from .state_machine import KVStateMachine
+
+logger = logging.getLogger(__name__)
+
+RAFT_PREFIX: Final = "/raft"
+"""Where the Raft routes live inside a node's app."""
+
+
+def raft_url(addr: str, scheme: str = "http") -> str:
+    """The base of a node's Raft routes, from its address in the membership."""
+    return base_url(addr, scheme) + RAFT_PREFIX
+
+
+class RaftPathNetworkFactory(RaftNetworkFactory):
+    """Points a transport at ``<node address>/raft``, where ``KVNode`` serves the Raft routes."""
+
+    def __init__(self, inner: RaftNetworkFactory, scheme: str = "http") -> None:
+        self.inner = inner
+        self.scheme = scheme
+
+    def new_client(self, target: int, node: Node) -> RaftNetwork:
+        return self.inner.new_client(target, Node(raft_url(node.addr, self.scheme)))
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class KVNode:
+    """Assembles and runs one node; ``start()`` then ``stop()``, from the CLI or a test.
+
+    ``port=0`` binds a free port (read ``addr`` after ``start()``); ``advertise`` is
+    the address peers and clients use when it differs from ``host:port``.
+    ``server_ssl`` / ``client_ssl`` turn on HTTPS for both the API and the Raft routes.
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        data_dir: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise: str | None = None,
+        token: str | None = None,
+        cluster: str | None = None,
+        config: Config | None = None,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+        write_timeout: float = 10.0,
+    ) -> None:
+        self.node_id = node_id
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = port
+        self.advertise = advertise
+        self.token = token
+        self.cluster = cluster
+        if config is None:
+            config = Config(cluster_name=cluster) if cluster else Config()
+        self.config = config
+        self.server_ssl = server_ssl
+        self.client_ssl = client_ssl
+        self.write_timeout = write_timeout
+        self.scheme = "https" if server_ssl is not None else "http"
+        self.state_machine = KVStateMachine()
+        self._raft: Raft | None = None
+        self._log_store: SqliteLogStore | None = None
+        self._network: RaftNetworkFactory | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def raft(self) -> Raft:
+        if self._raft is None:
+            raise RuntimeError("the node is not started")
+        return self._raft
+
+    @property
+    def addr(self) -> str:
+        """This node's address in the membership: ``advertise``, or ``host:port``."""
+        return self.advertise or f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return base_url(self.addr, self.scheme)
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        await asyncio.to_thread(self.data_dir.mkdir, parents=True, exist_ok=True)
+        self._log_store = await SqliteLogStore.open(self.data_dir / "raft.sqlite3")
+        snapshot_store = SnapshotStore(self.data_dir / "snapshots")
+        inner = HttpNetworkFactory(token=self.token, cluster=self.cluster, ssl=self.client_ssl)
+        self._network = RaftPathNetworkFactory(inner, self.scheme)
+        self._raft = await Raft.create(
+            self.node_id,
+            self.config,
+            self._network,
+            self._log_store,
+            self.state_machine,
+            snapshot_store,
+        )
+        app = kv_api(
+            self._raft,
+            self.state_machine,
+            node_id=self.node_id,
+            addr=self.addr,
+            scheme=self.scheme,
+            write_timeout=self.write_timeout,
+        )
+        app.add_subapp(
+            RAFT_PREFIX,
+            raft_app(
+                self._raft,
+                token=self.token,
+                cluster=self.cluster,
+                spool_dir=self.data_dir / "spool",
+            ),
+        )
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.server_ssl)
+        await site.start()
+        if self.port == 0:
+            self.port = _bound_port(self._runner)
+            app[KV_API].addr = self.addr
+        logger.info(
+            "node %d serving the KV API at %s and Raft at %s%s",
+            self.node_id,
+            self.url,
+            self.url,
+            RAFT_PREFIX,
+        )
+
+    async def stop(self) -> None:
+        """Stop Raft first (no more RPCs), then the network's sessions, then the server."""
+        raft, self._raft = self._raft, None
+        network, self._network = self._network, None
+        runner, self._runner = self._runner, None
+        log_store, self._log_store = self._log_store, None
+        if raft is not None:
+            await raft.shutdown()
+        if network is not None:
+            await network.close()
+        if runner is not None:
+            await runner.cleanup()
+        if log_store is not None:
+            await log_store.close()
+        logger.info("node %d stopped", self.node_id)
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    raise RuntimeError("the server is bound to no TCP port")
