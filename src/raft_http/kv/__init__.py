@@ -5,6 +5,17 @@ an HTTP API (``kv_api``), a node assembling it with the Raft core and the HTTP
 transport (``KVNode``), and a CLI (``raft-http node``).
 """
 
+from .api import kv_api
+from .node import KVNode
 from .state_machine import Delete, InvalidCommand, KVResponse, KVStateMachine, Set, decode_command
 
-__all__ = ["Delete", "InvalidCommand", "KVResponse", "KVStateMachine", "Set", "decode_command"]
+__all__ = [
+    "Delete",
+    "InvalidCommand",
+    "KVNode",
+    "KVResponse",
+    "KVStateMachine",
+    "Set",
+    "decode_command",
+    "kv_api",
+]
