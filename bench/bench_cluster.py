@@ -15,9 +15,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import msgspec
 from aiohttp import web
@@ -38,39 +36,11 @@ from raft_http.raft import (
 )
 from raft_http.raft.storage import LogStore
 from raft_http.server import raft_app
-from raft_http.testing import MemoryRouter
-from raft_http.types import Entry, Node, Normal
+from raft_http.testing import ListStateMachine, MemoryRouter
+from raft_http.types import Node
 
 CONFIG = Config()  # the defaults: heartbeat 50 ms, election timeout 150-300 ms
 IDS = (1, 2, 3)
-
-
-class ListStateMachine:
-    """Appends each command to a list (as tests/raft_cluster.py does)."""
-
-    def __init__(self) -> None:
-        self.applied: list[Any] = []
-
-    async def apply(self, entries: Sequence[Entry]) -> list[Any]:
-        out: list[Any] = []
-        for entry in entries:
-            if isinstance(entry.payload, Normal):
-                self.applied.append(msgspec.json.decode(entry.payload.data))
-                out.append(len(self.applied))
-            else:
-                out.append(None)
-        return out
-
-    def begin_snapshot(self) -> Any:
-        data = list(self.applied)
-
-        def write(out: BinaryIO) -> None:
-            out.write(msgspec.json.encode(data))
-
-        return write
-
-    async def install_snapshot(self, data: BinaryIO) -> None:
-        self.applied = msgspec.json.decode(await asyncio.to_thread(data.read))
 
 
 class BenchCluster:

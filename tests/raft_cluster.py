@@ -5,44 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import msgspec
+from typing import Any
 
 from raft_http.raft import Config, MemoryLogStore, Raft, RaftMetrics, ServerState, SnapshotStore
 from raft_http.raft.storage import LogStore
-from raft_http.testing import MemoryRouter
-from raft_http.types import Entry, Node, Normal
+from raft_http.testing import ListStateMachine, MemoryRouter
+from raft_http.types import Node
 
 FAST = Config(heartbeat_interval=0.02, election_timeout_min=0.08, election_timeout_max=0.16)
-
-
-class ListStateMachine:
-    """Applies each command by appending it to a list; the response is the list's new length."""
-
-    def __init__(self) -> None:
-        self.applied: list[Any] = []
-
-    async def apply(self, entries: Sequence[Entry]) -> list[Any]:
-        responses: list[Any] = []
-        for entry in entries:
-            if isinstance(entry.payload, Normal):
-                self.applied.append(msgspec.json.decode(entry.payload.data))
-                responses.append(len(self.applied))
-            else:
-                responses.append(None)
-        return responses
-
-    def begin_snapshot(self) -> Any:
-        data = list(self.applied)
-
-        def write(out: BinaryIO) -> None:
-            out.write(msgspec.json.encode(data))
-
-        return write
-
-    async def install_snapshot(self, data: BinaryIO) -> None:
-        self.applied = msgspec.json.decode(await asyncio.to_thread(data.read))
 
 
 class Cluster:

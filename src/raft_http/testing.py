@@ -20,9 +20,11 @@ import asyncio
 import collections
 import contextlib
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Final, Literal, TypeAlias, TypeVar, cast
+from typing import Any, BinaryIO, Final, Literal, TypeAlias, TypeVar, cast
+
+import msgspec
 
 from .errors import (
     Closed,
@@ -44,7 +46,9 @@ from .types import (
     VOTE_RESPONSE,
     AppendEntriesRequest,
     AppendEntriesResponse,
+    Entry,
     Node,
+    Normal,
     Snapshot,
     SnapshotResponse,
     Vote,
@@ -364,3 +368,36 @@ class MemoryNetworkFactory(RaftNetworkFactory):
 
     def new_client(self, target: int, node: Node) -> MemoryNetwork:
         return MemoryNetwork(self.router, self.source, target, node)
+
+
+class ListStateMachine:
+    """The smallest useful state machine: each command (any JSON) is appended to a list.
+
+    The response to a command is the list's new length. It satisfies the core's
+    ``StateMachine`` protocol, so tests and benchmarks can check what every node
+    applied, in order.
+    """
+
+    def __init__(self) -> None:
+        self.applied: list[Any] = []
+
+    async def apply(self, entries: Sequence[Entry]) -> list[Any]:
+        responses: list[Any] = []
+        for entry in entries:
+            if isinstance(entry.payload, Normal):
+                self.applied.append(msgspec.json.decode(entry.payload.data))
+                responses.append(len(self.applied))
+            else:
+                responses.append(None)
+        return responses
+
+    def begin_snapshot(self) -> Callable[[BinaryIO], None]:
+        data = msgspec.json.encode(self.applied)
+
+        def write(out: BinaryIO) -> None:
+            out.write(data)
+
+        return write
+
+    async def install_snapshot(self, data: BinaryIO) -> None:
+        self.applied = msgspec.json.decode(await asyncio.to_thread(data.read))
