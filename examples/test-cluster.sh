@@ -107,7 +107,12 @@ wait_until 20 "a new leader" bash -c "
     [ -n \"\$l\" ] && [ \"\$l\" != None ] && [ \"\$l\" != $OLD ]"
 LEADER=$(leader_of "$SURVIVOR")
 echo "new leader: node $LEADER"
-rpc "$SURVIVOR" /consistent_read '"foo3"' | grep -q '"bar3"' && echo "acknowledged writes survived"
+if rpc "$SURVIVOR" /consistent_read '"foo3"' | grep -q '"bar3"'; then
+    echo "acknowledged writes survived"
+else
+    echo "FAILED: an acknowledged write is missing after the failover" >&2
+    exit 1
+fi
 
 echo "=== write 150 keys while node $OLD is down (snapshots every 50 logs)"
 for i in $(seq 1 150); do

@@ -7,7 +7,9 @@ example script end to end. Every wait polls metrics with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -176,6 +178,44 @@ def test_example_script_passes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every check passed" in proc.stdout
     assert "caught up" in proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_script_passes(tmp_path: Path) -> None:
+    """examples/test-cluster.sh: the same journey with curl alone."""
+    base = _consecutive_free_ports(3)
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp_path),
+        "BASE_PORT": str(base),
+        "RAFT_HTTP": f"{sys.executable} -m raft_http.kv.cli",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "examples" / "test-cluster.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "acknowledged writes survived" in proc.stdout
+    assert "=== all good" in proc.stdout
+
+
+def _consecutive_free_ports(count: int) -> int:
+    """A base port such that ``base .. base+count-1`` are free (below the ephemeral range)."""
+    for _ in range(200):
+        base = free_ports(1)[0]
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no run of free ports")
 
 
 def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
