@@ -382,3 +382,46 @@ def test_config_is_validated() -> None:
         Config(heartbeat_interval=0.2)
     with pytest.raises(ValueError, match="max_payload_entries"):
         Config(max_payload_entries=0)
+
+
+class SlowAppendStore(MemoryLogStore):
+    async def append(self, entries: object) -> None:  # type: ignore[override]
+        await asyncio.sleep(0.05)
+        await super().append(entries)  # type: ignore[arg-type]
+
+
+async def test_cancelled_append_entries_leaves_memory_and_storage_agreeing(
+    tmp_path: Path,
+) -> None:
+    """A server may cancel a handler whose client went away; the log must stay whole."""
+    from raft_http.types import AppendEntriesRequest, Entry, LeaderId, LogId, Normal, Success
+    from raft_http.types import Vote as V
+
+    c = Cluster(tmp_path)
+    try:
+        store = SlowAppendStore()
+        follower = await c.start(2, store)
+        leader_vote = V(LeaderId(1, 1), committed=True)
+
+        def entry(i: int) -> Entry:
+            import msgspec
+
+            return Entry(LogId(LeaderId(1, 1), i), Normal(msgspec.Raw(cmd(i))))
+
+        first = AppendEntriesRequest(leader_vote, None, [entry(0), entry(1)], None)
+        call = asyncio.create_task(follower.append_entries(first))
+        await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # The next request continues after the cancelled one, as a leader's retry would.
+        second = AppendEntriesRequest(
+            leader_vote, LogId(LeaderId(1, 1), 1), [entry(2)], LogId(LeaderId(1, 1), 2)
+        )
+        assert await follower.append_entries(second) == Success()
+        assert await log_ids(c, 2) == [(1, 0), (1, 1), (1, 2)]
+        assert follower.metrics().last_log_index == 2
+        await follower.wait_for(lambda m: m.last_applied is not None, 2, "apply")
+        assert c.machines[2].applied == [{"n": 0}, {"n": 1}, {"n": 2}]
+    finally:
+        await c.close()

@@ -18,7 +18,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, TypeVar
 
 import msgspec
 from msgspec import Struct
@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 _RAW_JSON: Final = msgspec.json.Decoder(msgspec.Raw)
 _EMPTY_MEMBERSHIP: Final = StoredMembership(None, Membership([], {}))
 _APPLY_BATCH: Final = 1000
+_T = TypeVar("_T")
 
 
 class ClientWriteResponse(Struct, frozen=True):
@@ -492,7 +493,25 @@ class Raft:
 
     # --- RaftHandler: incoming RPCs ---------------------------------------------------
 
+    # Each handler runs to completion even if its caller is cancelled (a server may cancel
+    # a request whose client went away): stopping between a durable write and the matching
+    # in-memory update would leave the two disagreeing.
+
     async def vote(self, rpc: VoteRequest) -> VoteResponse:
+        return await self._uncancellable(self._handle_vote(rpc))
+
+    async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
+        return await self._uncancellable(self._handle_append_entries(rpc))
+
+    async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
+        return await self._uncancellable(self._handle_install_snapshot(vote, snapshot))
+
+    async def _uncancellable(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        task = self._loop.create_task(coro)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
+
+    async def _handle_vote(self, rpc: VoteRequest) -> VoteResponse:
         self._check_running()
         async with self._lock:
             self._check_running()
@@ -522,7 +541,7 @@ class Raft:
             self._reset_election_deadline()
             return answer(True)
 
-    async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
+    async def _handle_append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
         self._check_running()
         async with self._lock:
             self._check_running()
@@ -592,7 +611,7 @@ class Raft:
             self._track_membership(entry)
         self._update_role()
 
-    async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
+    async def _handle_install_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
         self._check_running()
         async with self._lock:
             self._check_running()
