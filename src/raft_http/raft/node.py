@@ -87,7 +87,6 @@ class _LeaderState:
         self.replicators: dict[int, Replicator] = {}
         self.pending: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]] = []
         self.propose_event = asyncio.Event()
-        self.proposer: asyncio.Task[None] | None = None
 
 
 class Raft:
@@ -444,7 +443,7 @@ class Raft:
         leader = self._leader = _LeaderState()
         log.info("node %s is leader of term %s", self.id, vote.term)
         self._sync_replicators()
-        leader.proposer = self._spawn(self._propose_loop(leader), "propose")
+        self._spawn(self._propose_loop(leader), "propose")
         # A blank entry of our own term lets earlier terms' entries commit.
         blank: asyncio.Future[ClientWriteResponse] = self._loop.create_future()
         blank.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it
@@ -458,8 +457,9 @@ class Raft:
             return
         for replicator in leader.replicators.values():
             replicator.stop(reason)
-        if leader.proposer is not None and leader.proposer is not asyncio.current_task():
-            leader.proposer.cancel()
+        # The proposer is not cancelled: it may be between a durable append and the in-memory
+        # one. Woken, it sees it no longer leads and ends.
+        leader.propose_event.set()
         for _, future in leader.pending:
             if not future.done():
                 future.set_exception(ForwardToLeader(None, None))
@@ -712,9 +712,9 @@ class Raft:
                 membership_changed = True
         if membership_changed:
             self._sync_replicators()
-        assert self._leader is not None
-        for replicator in self._leader.replicators.values():
-            replicator.wake.set()
+        if self._leader is not None:
+            for replicator in self._leader.replicators.values():
+                replicator.wake.set()
         self._update_commit()
         self._notify()
 
@@ -752,9 +752,10 @@ class Raft:
             if self._leader is not None and not self._membership_at(
                 log_index(committed)
             ).membership.is_voter(self.id):
-                log.info("node %s is no longer a voter; steps down", self.id)
-                self._stop_leading("removed from the voters")
-                self._notify()
+                async with self._lock:
+                    log.info("node %s is no longer a voter; steps down", self.id)
+                    self._stop_leading("removed from the voters")
+                    self._notify()
             with contextlib.suppress(StorageError):
                 await self.log_store.save_committed(committed)
 
