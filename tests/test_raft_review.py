@@ -30,6 +30,7 @@ from raft_http.raft import (
     Raft,
     ServerState,
     SnapshotStore,
+    StorageError,
     WriteAborted,
     WriteOutcomeUnknown,
 )
@@ -509,3 +510,69 @@ async def test_random_faults_keep_acknowledged_writes_and_converge(
     writes, faults, _ = await _chaos(tmp_path, seed, 3.0)
     assert writes > 0
     assert faults > 0
+
+
+class CrashOnPurgeStore(MemoryLogStore):
+    """The first purge fails, as if the process died after saving a snapshot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crash = False
+
+    async def purge(self, upto: LogId) -> None:
+        if self.crash:
+            self.crash = False
+            raise StorageError("crashed before the purge")
+        await super().purge(upto)
+
+
+SNAPPY = Config(
+    heartbeat_interval=0.02,
+    election_timeout_min=0.08,
+    election_timeout_max=0.16,
+    snapshot_logs_since_last=20,
+    max_in_snapshot_log_to_keep=5,
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a restart after a snapshot is saved but before the log is purged never catches up",
+)
+async def test_crash_between_snapshot_save_and_purge_then_restart_catches_up(
+    tmp_path: Path,
+) -> None:
+    c = Cluster(tmp_path, SNAPPY)
+    try:
+        leader = await c.initialized([1, 2, 3])
+        lagging = next(i for i in c.nodes if i != leader.id)
+        crashing = CrashOnPurgeStore()
+        await c.stop(lagging)
+        await c.start(lagging, crashing)  # a fresh disk: it rejoins by snapshot
+        crashing.crash = True
+        c.router.isolate(lagging)
+        for i in range(50):
+            await leader.client_write(cmd(i))
+        # The leader's newest snapshot covers all it applied: the one the lagging node gets.
+        for _ in range(100):
+            m = leader.metrics()
+            if m.snapshot is not None and m.snapshot == m.last_applied:
+                break
+            await leader.trigger_snapshot()
+            await asyncio.sleep(0.02)
+        newest = leader.metrics().snapshot
+        assert newest == leader.metrics().last_applied
+        assert leader.metrics().purged is not None
+        c.router.isolate(lagging, on=False)
+        await c.nodes[lagging].wait_for(lambda m: m.fatal is not None, 5, "the crash")
+        assert newest is not None
+        assert f"-{newest.index}-" in (c.nodes[lagging].metrics().fatal or "")
+        await c.restart(lagging)
+        last = leader.metrics().last_applied
+        assert last is not None
+        await c.nodes[lagging].wait_for(
+            lambda m: m.last_applied == last and m.last_log_index == last.index, 3, "catch up"
+        )
+        assert c.machines[lagging].applied == c.machines[leader.id].applied
+    finally:
+        await c.close()
