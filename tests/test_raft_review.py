@@ -157,7 +157,7 @@ class SlowAppendStore(MemoryLogStore):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="a write whose batch is mid-append when the proposer is cancelled hangs forever",
+    reason="shutdown cancels the proposer mid-append; its batch's writes then hang forever",
 )
 async def test_write_in_flight_when_leader_stops_fails_instead_of_hanging(
     tmp_path: Path,
