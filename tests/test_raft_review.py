@@ -1,7 +1,9 @@
 """An adversarial review of the Raft core: each finding is a test.
 
-Bugs are strict xfails (they fail today because of the bug named in ``reason``);
-the properties that held are plain tests.
+Five of these tests were written as strict xfails against bugs the review found
+(a write hanging at shutdown, a restart between snapshot save and purge, two races
+between an own snapshot build and an install, memberships kept from a truncated
+tail); they pass since the fixes. The others are properties that held.
 """
 
 from __future__ import annotations
@@ -155,10 +157,6 @@ class SlowAppendStore(MemoryLogStore):
         await super().append(entries)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shutdown cancels the proposer mid-append; its batch's writes then hang forever",
-)
 async def test_write_in_flight_when_leader_stops_fails_instead_of_hanging(
     tmp_path: Path,
 ) -> None:
@@ -179,10 +177,6 @@ async def test_write_in_flight_when_leader_stops_fails_instead_of_hanging(
         await c.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="install_full_snapshot keeps memberships of the log tail it truncates",
-)
 async def test_snapshot_install_over_a_divergent_tail_forgets_its_memberships(
     tmp_path: Path,
 ) -> None:
@@ -239,10 +233,6 @@ async def _install_while_building(
     return raft, raft.snapshot_store, meta, store
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an own snapshot build that finishes first makes install_full_snapshot fail the node",
-)
 async def test_snapshot_install_racing_a_faster_own_build_keeps_the_node_up(
     tmp_path: Path,
 ) -> None:
@@ -258,10 +248,6 @@ async def test_snapshot_install_racing_a_faster_own_build_keeps_the_node_up(
         await raft.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an older own snapshot that finishes after an install replaces it in the store",
-)
 async def test_snapshot_install_racing_a_slower_own_build_survives_restart(
     tmp_path: Path,
 ) -> None:
@@ -535,10 +521,6 @@ SNAPPY = Config(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a restart after a snapshot is saved but before the log is purged never catches up",
-)
 async def test_crash_between_snapshot_save_and_purge_then_restart_catches_up(
     tmp_path: Path,
 ) -> None:

@@ -271,3 +271,34 @@ async def test_cancelled_save_still_completes(tmp_path: Path) -> None:
             break
         await asyncio.sleep(0.01)
     assert await read_latest(store) == (meta(4), payload(4))
+
+
+async def test_a_snapshot_covering_less_never_replaces_the_latest(tmp_path: Path) -> None:
+    """An own build of older state finishing after an installed newer snapshot loses."""
+    store = SnapshotStore(tmp_path / "snaps")
+    await store.save(meta(50), writer(payload(50)))
+    await store.save(meta(20), writer(payload(20)))  # started earlier, finished later
+    assert await read_latest(store) == (meta(50), payload(50))
+    assert await SnapshotStore(tmp_path / "snaps").latest() == meta(50)
+
+
+async def test_reload_prefers_the_snapshot_covering_most_log(tmp_path: Path) -> None:
+    """If a crash leaves an older-covering snapshot with a higher seq, reload still picks by log."""
+    directory = tmp_path / "snaps"
+    store = SnapshotStore(directory)
+    await store.save(meta(50), writer(payload(50)))
+    stems = {name.rsplit(".", 1)[0] for name in os.listdir(directory)}
+    (newest,) = stems
+    # Forge what a crash between a later save's rename and its bookkeeping would leave.
+    other = SnapshotStore(tmp_path / "other")
+    await other.save(meta(20), writer(payload(20)))
+    for name in os.listdir(tmp_path / "other"):
+        seq_stem = name.replace("00000000000000000000-", "00000000000000000009-", 1)
+        data = (tmp_path / "other" / name).read_bytes()
+        if name.endswith(".meta"):
+            data = data.replace(b'"seq":0', b'"seq":9')
+        (directory / seq_stem).write_bytes(data)
+    assert len(os.listdir(directory)) == 4
+    reloaded = SnapshotStore(directory)
+    assert await read_latest(reloaded) == (meta(50), payload(50))
+    assert newest.startswith("00000000000000000000-")

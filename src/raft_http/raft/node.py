@@ -180,6 +180,9 @@ class Raft:
                 await asyncio.to_thread(snapshot.data.close)
             self._memberships = [self._snapshot.last_membership]
             self._last_applied = snap_last
+            assert snap_last is not None
+            # A crash after a snapshot was saved but before the log was purged to it.
+            await self._align_log_with_snapshot(snap_last, purge=False)
         base = log_index(self._memberships[-1].log_id)
         for entry in self.log.slice(max(self.log.first_index, base + 1), self.log.last_index + 1):
             self._track_membership(entry)
@@ -226,20 +229,19 @@ class Raft:
         self._notify()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = self._loop.create_task(self._guard(coro), name=f"raft-{self.id}-{name}")
+        task = self._loop.create_task(coro, name=f"raft-{self.id}-{name}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
 
-    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Fatal:
-            pass
-        except Exception as e:
-            self.fail(f"{type(e).__name__}: {e}")
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A background task that dies of an error stops the node: no zombie leader."""
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and not isinstance(error, Fatal):
+            self.fail(f"{task.get_name()} crashed: {type(error).__name__}: {error}")
 
     def _check_running(self) -> None:
         if self._fatal is not None:
@@ -621,8 +623,10 @@ class Raft:
             if log_id_key(meta.last_log_id) <= log_id_key(self.committed):
                 return SnapshotResponse(self._vote)
             try:
-                await self.snapshot_store.save_from(meta, snapshot.data)
-                await self._install_snapshot(meta)
+                # _sm_lock: no snapshot build of our own may start while this one lands.
+                async with self._sm_lock:
+                    await self.snapshot_store.save_from(meta, snapshot.data)
+                    await self._install_snapshot(meta)
             except StorageError as e:
                 self.fail(f"installing snapshot {meta.snapshot_id} failed: {e}")
                 raise Fatal(str(e)) from e
@@ -630,37 +634,48 @@ class Raft:
             return SnapshotResponse(self._vote)
 
     async def _install_snapshot(self, meta: SnapshotMeta) -> None:
+        """With both locks held: replace the state machine and make the log follow ``meta``."""
         last = meta.last_log_id
         assert last is not None
-        async with self._sm_lock:
-            stored = await self.snapshot_store.open_latest()
-            if stored is None or stored.meta != meta:
-                raise StorageError(f"snapshot {meta.snapshot_id} not found after saving it")
-            try:
-                await self.state_machine.install_snapshot(stored.data)
-            finally:
-                await asyncio.to_thread(stored.data.close)
-            if not self.log.matches(last):
-                await self.log_store.truncate(last.index + 1)
-                self.log.truncate(last.index + 1)
-                self._fail_waiters(
-                    lambda i: i > last.index, lambda: WriteAborted("overwritten by a snapshot")
-                )
+        stored = await self.snapshot_store.open_latest()
+        if stored is None or stored.meta != meta:
+            raise StorageError(f"snapshot {meta.snapshot_id} not found after saving it")
+        try:
+            await self.state_machine.install_snapshot(stored.data)
+        finally:
+            await asyncio.to_thread(stored.data.close)
+        await self._align_log_with_snapshot(last, purge=True)
+        self._fail_waiters(
+            lambda i: i <= last.index,
+            lambda: WriteOutcomeUnknown("a snapshot was installed over the entry"),
+        )
+        self._memberships = [meta.last_membership] + [
+            m for m in self._memberships if log_index(m.log_id) > last.index
+        ]
+        self.committed = last
+        self._last_applied = last
+        self._snapshot = meta
+        await self.log_store.save_committed(last)
+        self._update_role()
+        log.info("node %s installed snapshot %s up to %s", self.id, meta.snapshot_id, last)
+
+    async def _align_log_with_snapshot(self, last: LogId, *, purge: bool) -> None:
+        """Drop a log tail that does not follow ``last``; with ``purge``, drop what it covers.
+
+        After this the log holds ``last`` (as an entry or as the last purged id), so a
+        leader's next AppendEntries, whose prev_log_id is ``last``, matches.
+        """
+        if not self.log.matches(last):
+            await self.log_store.truncate(last.index + 1)
+            self.log.truncate(last.index + 1)
+            self._forget_memberships_since(last.index + 1)
+            self._fail_waiters(
+                lambda i: i > last.index, lambda: WriteAborted("overwritten by a snapshot")
+            )
+            purge = True
+        if purge:
             await self.log_store.purge(last)
             self.log.purge(last)
-            self._fail_waiters(
-                lambda i: i <= last.index,
-                lambda: WriteOutcomeUnknown("a snapshot was installed over the entry"),
-            )
-            self._memberships = [meta.last_membership] + [
-                m for m in self._memberships if log_index(m.log_id) > last.index
-            ]
-            self.committed = last
-            self._last_applied = last
-            self._snapshot = meta
-            await self.log_store.save_committed(last)
-            self._update_role()
-        log.info("node %s installed snapshot %s up to %s", self.id, meta.snapshot_id, last)
 
     # --- leader: proposing, replicating, committing --------------------------------------
 
@@ -687,7 +702,13 @@ class Raft:
                 if self._leader is not leader or not leader.pending:
                     continue
                 batch, leader.pending = leader.pending, []
-                await self._append_as_leader(batch)
+                try:
+                    await self._append_as_leader(batch)
+                except BaseException:  # cancelled by shutdown, or storage failed
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(Fatal("the node stopped before the write"))
+                    raise
 
     async def _append_as_leader(
         self, batch: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]]

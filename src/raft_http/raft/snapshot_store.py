@@ -3,8 +3,12 @@
 Each snapshot is two files, ``<seq>-<id>.snap`` (the data) and ``<seq>-<id>.meta``
 (a sidecar with the metadata, the data's size and its sha256). Both are written to a
 temporary name, fsynced and renamed into place, data first, then the directory is
-fsynced: a sidecar only ever names complete data. ``seq`` grows with every save, so
-the newest snapshot is the one with the highest ``seq``.
+fsynced: a sidecar only ever names complete data. ``seq`` grows with every save.
+
+The newest snapshot is the one that covers the most log (the greatest
+``last_log_id``; ``seq`` breaks ties): a node may build a snapshot of its own
+state while it installs a newer one from the leader, and whichever finishes last
+must not roll the other back.
 
 On the first ``latest()`` the store verifies candidates from the newest down: a
 snapshot whose size or checksum does not match (a torn disk write, bit rot, a
@@ -30,7 +34,7 @@ from typing import Annotated, BinaryIO, Final
 import msgspec
 from msgspec import Meta, Struct
 
-from ..types import Snapshot, SnapshotMeta
+from ..types import Snapshot, SnapshotMeta, log_id_key
 from .storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -134,10 +138,15 @@ class SnapshotStore:
         except OSError as exc:
             raise StorageError(f"cannot save snapshot {meta.snapshot_id!r}: {exc}") from exc
         async with self._lock:
-            if self._latest_name is not None and int(self._latest_name[:20]) > seq:
-                # a save that started later finished first: this one is already old
-                await asyncio.to_thread(self._remove, stem)
-                return
+            current, current_name = self._latest, self._latest_name
+            if current is not None and current_name is not None:
+                if log_id_key(current.last_log_id) >= log_id_key(meta.last_log_id):
+                    # what is already the latest covers at least as much: this one is old
+                    await asyncio.to_thread(self._remove, stem)
+                    return
+                if int(current_name[:20]) > seq:
+                    # a save that started later finished first, but covers less
+                    await asyncio.to_thread(self._remove, current_name)
             self._latest, self._latest_name = meta, stem
             await asyncio.to_thread(self._remove_older_than, seq)
 
@@ -219,18 +228,24 @@ class SnapshotStore:
             max_seq = max(max_seq, seq)
             if m.group(3) == "meta":
                 sidecars.append((seq, name[: -len(_META_SUFFIX)]))
-        for seq, stem in sorted(sidecars, reverse=True):
+        best: tuple[tuple[int, int], int, str, SnapshotMeta] | None = None
+        for seq, stem in sidecars:
             problem, sidecar = self._verify(seq, stem)
-            if sidecar is not None:
-                return sidecar.meta, stem, max_seq + 1
-            logger.error(
-                "snapshot %s in %s is corrupt (%s): set aside", stem, self.directory, problem
-            )
-            for suffix in (_DATA_SUFFIX, _META_SUFFIX):
-                path = self.directory / (stem + suffix)
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(path, path.with_name(path.name + _CORRUPT_SUFFIX))
-        return None, None, max_seq + 1
+            if sidecar is None:
+                logger.error(
+                    "snapshot %s in %s is corrupt (%s): set aside", stem, self.directory, problem
+                )
+                for suffix in (_DATA_SUFFIX, _META_SUFFIX):
+                    path = self.directory / (stem + suffix)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(path, path.with_name(path.name + _CORRUPT_SUFFIX))
+                continue
+            key = log_id_key(sidecar.meta.last_log_id)
+            if best is None or (key, seq) > (best[0], best[1]):
+                best = (key, seq, stem, sidecar.meta)
+        if best is None:
+            return None, None, max_seq + 1
+        return best[3], best[2], max_seq + 1
 
     def _verify(self, seq: int, stem: str) -> tuple[str, _Sidecar | None]:
         try:
