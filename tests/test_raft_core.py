@@ -425,3 +425,22 @@ async def test_cancelled_append_entries_leaves_memory_and_storage_agreeing(
         assert c.machines[2].applied == [{"n": 0}, {"n": 1}, {"n": 2}]
     finally:
         await c.close()
+
+
+async def test_leader_cut_off_from_its_quorum_steps_down(cluster: Cluster) -> None:
+    """Check-quorum: a minority leader stops taking writes instead of queueing them forever."""
+    leader = await cluster.initialized([1, 2, 3])
+    assert leader.metrics().since_quorum_ack is not None
+    others = [i for i in cluster.nodes if i != leader.id]
+    cluster.router.partition({leader.id}, set(others))
+    await leader.wait_for(
+        lambda m: m.state is not ServerState.LEADER, FAST.election_timeout_max * 10, "step down"
+    )
+    assert leader.metrics().since_quorum_ack is None
+    with pytest.raises(ForwardToLeader):
+        await leader.client_write(cmd(1))
+    new = await cluster.leader(among=others)
+    cluster.router.heal()
+    write = await new.client_write(cmd(2))
+    await cluster.wait_applied(write.log_id.index)
+    assert cluster.machines[leader.id].applied == [{"n": 2}]

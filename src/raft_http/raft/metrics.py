@@ -20,7 +20,9 @@ class ServerState(StrEnum):
 class RaftMetrics(Struct, frozen=True):
     """A node's state at one moment (after Openraft's ``RaftMetrics``).
 
-    ``replication`` maps each target to its matched log id, on the leader only.
+    ``replication`` maps each target to its matched log id, and ``since_quorum_ack``
+    is how long ago (seconds) a quorum last acknowledged the leader: both on the
+    leader only.
     """
 
     id: int
@@ -35,5 +37,6 @@ class RaftMetrics(Struct, frozen=True):
     current_leader: int | None
     membership_config: StoredMembership
     replication: dict[int, LogId | None] | None
+    since_quorum_ack: float | None
     running: bool
     fatal: str | None = None

@@ -60,7 +60,7 @@ from .errors import (
 )
 from .log import RaftLog
 from .metrics import RaftMetrics, ServerState
-from .quorum import committed_index, is_quorum
+from .quorum import committed_index, is_quorum, quorum_value
 from .replication import Replicator
 from .snapshot_store import SnapshotStore
 from .storage import LogStore, StateMachine, StorageError
@@ -83,7 +83,8 @@ class ClientWriteResponse(Struct, frozen=True):
 class _LeaderState:
     """What only a leader has: a replication stream per target and the writes to propose."""
 
-    def __init__(self) -> None:
+    def __init__(self, since: float) -> None:
+        self.since = since
         self.replicators: dict[int, Replicator] = {}
         self.pending: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]] = []
         self.propose_event = asyncio.Event()
@@ -309,8 +310,11 @@ class Raft:
 
     def metrics(self) -> RaftMetrics:
         replication = None
+        since_quorum_ack = None
         if self._leader is not None:
             replication = {t: r.matching for t, r in self._leader.replicators.items()}
+            acked = max(self._quorum_acked_at(self._leader), self._leader.since)
+            since_quorum_ack = round(max(0.0, self._loop.time() - acked), 3)
         return RaftMetrics(
             id=self.id,
             state=self._state,
@@ -324,6 +328,7 @@ class Raft:
             current_leader=self._leader_id,
             membership_config=self.membership,
             replication=replication,
+            since_quorum_ack=since_quorum_ack,
             running=self._running,
             fatal=self._fatal,
         )
@@ -360,7 +365,11 @@ class Raft:
     async def _election_loop(self) -> None:
         while self._running:
             now = self._loop.time()
-            if self._leader is not None or not self.config.enable_elect:
+            if self._leader is not None:
+                await self._check_quorum(self._leader, now)
+                await asyncio.sleep(self.config.election_timeout_min)
+                continue
+            if not self.config.enable_elect:
                 self._reset_election_deadline()
                 await asyncio.sleep(self.config.election_timeout_min)
                 continue
@@ -370,6 +379,35 @@ class Raft:
             self._reset_election_deadline()
             if self.membership.membership.is_voter(self.id):
                 await self._elect()
+
+    def _quorum_acked_at(self, leader: _LeaderState) -> float:
+        """The loop time up to which a quorum of every config has acknowledged this leader."""
+        now = self._loop.time()
+
+        def acked_at(node_id: int) -> float:
+            if node_id == self.id:
+                return now
+            replicator = leader.replicators.get(node_id)
+            return replicator.acked_at if replicator else float("-inf")
+
+        agreed = quorum_value(self.membership.membership.configs, acked_at)
+        return now if agreed is None else agreed
+
+    async def _check_quorum(self, leader: _LeaderState, now: float) -> None:
+        """Step down after ``2 * election_timeout_max`` without a quorum's acknowledgement.
+
+        A leader cut off in a minority would otherwise keep taking writes that cannot
+        commit, and keep refusing votes, until the partition heals.
+        """
+        last_contact = max(self._quorum_acked_at(leader), leader.since)
+        if now - last_contact <= 2 * self.config.election_timeout_max:
+            return
+        async with self._lock:
+            if self._leader is leader:
+                silent = now - last_contact
+                log.warning("node %s heard from no quorum for %.3fs; steps down", self.id, silent)
+                self._stop_leading("lost contact with a quorum")
+                self._notify()
 
     async def _elect(self) -> None:
         term = max(self._vote.term, self._term_hint) + 1
@@ -442,7 +480,7 @@ class Raft:
         await self._save_vote(vote)
         self._state = ServerState.LEADER
         self._leader_id = self.id
-        leader = self._leader = _LeaderState()
+        leader = self._leader = _LeaderState(self._loop.time())
         log.info("node %s is leader of term %s", self.id, vote.term)
         self._sync_replicators()
         self._spawn(self._propose_loop(leader), "propose")
@@ -918,8 +956,7 @@ class Raft:
         def confirmed() -> bool:
             if self._leader is not leader:
                 raise ForwardToLeader(self._leader_id, self._leader_node())
-            acked = {t for t, r in leader.replicators.items() if r.acked_at >= started}
-            return is_quorum(self.membership.membership.configs, acked | {self.id})
+            return self._quorum_acked_at(leader) >= started
 
         if not await self._wait_until(confirmed, deadline):
             raise QuorumNotEnough("a quorum did not confirm the leader in time")

@@ -11,16 +11,29 @@ def is_quorum(configs: Sequence[Collection[int]], granted: Iterable[int]) -> boo
     return all(len(ids.intersection(config)) * 2 > len(config) for config in configs)
 
 
+def quorum_value(
+    configs: Sequence[Collection[int]], value_of: Callable[[int], float]
+) -> float | None:
+    """The greatest ``v`` such that in every config a majority has ``value_of(node) >= v``.
+
+    With matched log indexes it is the commit index; with the times of the last
+    acknowledgements, the time up to which a quorum has confirmed the leader.
+    None when every config is empty.
+    """
+    result: float | None = None
+    for config in configs:
+        if not config:
+            continue
+        values = sorted((value_of(n) for n in config), reverse=True)
+        majority_value = values[len(values) // 2]
+        result = majority_value if result is None else min(result, majority_value)
+    return result
+
+
 def committed_index(configs: Sequence[Collection[int]], matched: Callable[[int], int]) -> int:
     """The greatest index that a majority of every config has matched (-1 when none).
 
     ``matched(node_id)`` is the last index known to be on that node (-1 for none).
     """
-    result: int | None = None
-    for config in configs:
-        if not config:
-            continue
-        indexes = sorted((matched(n) for n in config), reverse=True)
-        quorum_index = indexes[len(indexes) // 2]
-        result = quorum_index if result is None else min(result, quorum_index)
-    return -1 if result is None else result
+    value = quorum_value(configs, matched)
+    return -1 if value is None else int(value)
