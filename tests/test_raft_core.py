@@ -444,3 +444,34 @@ async def test_leader_cut_off_from_its_quorum_steps_down(cluster: Cluster) -> No
     write = await new.client_write(cmd(2))
     await cluster.wait_applied(write.log_id.index)
     assert cluster.machines[leader.id].applied == [{"n": 2}]
+
+
+async def test_a_crashing_replication_task_stops_the_node(cluster: Cluster) -> None:
+    """A bug in a background task must stop the node, not leave a leader that never replicates."""
+    leader = await cluster.initialized([1, 2, 3])
+    follower = next(i for i in cluster.nodes if i != leader.id)
+    cluster.router.fail_next(leader.id, follower, lambda: RuntimeError("boom"))
+    m = await leader.wait_for(lambda m: m.state is ServerState.SHUTDOWN, 5, "the node to stop")
+    assert m.fatal is not None
+    assert "RuntimeError: boom" in m.fatal
+    with pytest.raises(Fatal):
+        await leader.client_write(cmd(1))
+
+
+async def test_replication_trouble_is_logged_once_per_kind(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    follower = next(i for i in cluster.nodes if i != leader.id)
+    with caplog.at_level("INFO", logger="raft_http.raft.replication"):
+        cluster.router.isolate(follower)
+        await asyncio.sleep(FAST.heartbeat_interval * 10)
+        cluster.router.isolate(follower, on=False)
+        write = await leader.client_write(cmd(1))
+        await leader.wait_for(
+            lambda m: m.replication is not None and m.replication[follower] == write.log_id, 5
+        )
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "Unreachable" in warnings[0].getMessage()
+    assert any("recovered" in r.getMessage() for r in caplog.records)

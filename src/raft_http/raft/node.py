@@ -730,7 +730,7 @@ class Raft:
                 replicator = Replicator(self, self._vote, target, node, network)
                 leader.replicators[target] = replicator
                 self._tasks.add(replicator.task)
-                replicator.task.add_done_callback(self._tasks.discard)
+                replicator.task.add_done_callback(self._task_done)
 
     async def _propose_loop(self, leader: _LeaderState) -> None:
         while self._leader is leader:

@@ -20,7 +20,6 @@ from ..errors import (
     RaftHttpError,
     RemoteError,
     ReplicationClosed,
-    Timeout,
     Unreachable,
 )
 from ..network import Backoff, RaftNetwork, RPCOption
@@ -57,6 +56,7 @@ class Replicator:
         self.acked_at = float("-inf")
         """Loop time at which the last acknowledged request was sent (for read-index checks)."""
         self.wake = asyncio.Event()
+        self._problem: str | None = None
         self.closed: asyncio.Future[ReplicationClosed] = asyncio.get_running_loop().create_future()
         self.task = asyncio.create_task(self._run(), name=f"raft-{raft.id}-replicate-{target}")
 
@@ -66,42 +66,46 @@ class Replicator:
         self.task.cancel()
 
     async def _run(self) -> None:
+        """Send until this node stops leading; a crash here stops the node (see Raft._spawn)."""
         backoff: Backoff | None = None
         heartbeat = self.raft.config.heartbeat_interval
-        try:
-            while self.raft.is_leader_of(self.vote):
-                if self.next_index > self.raft.log.last_index:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wake.wait(), heartbeat)
-                    if not self.raft.is_leader_of(self.vote):
-                        return
-                self.wake.clear()
-                try:
-                    await self._send_once()
-                    backoff = None
-                except Unreachable as e:
-                    backoff = backoff or self.network.backoff()
-                    delay = next(backoff)
-                    log.debug("node %s unreachable (%s); retry in %.3fs", self.target, e, delay)
-                    await asyncio.sleep(delay)
-                except PayloadTooLarge as e:
-                    self.entries_limit = max(1, min(self.entries_limit - 1, e.entries_hint))
-                    log.info(
-                        "node %s: payload too large; %d entries", self.target, self.entries_limit
-                    )
-                except (Timeout, NetworkError, RemoteError) as e:
-                    log.debug("replication to %s failed: %s", self.target, e)
-                    await asyncio.sleep(heartbeat)
-                except Closed:
+        while self.raft.is_leader_of(self.vote):
+            if self.next_index > self.raft.log.last_index:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), heartbeat)
+                if not self.raft.is_leader_of(self.vote):
                     return
-                except RaftHttpError as e:
-                    log.warning("replication to %s: %s", self.target, e)
-                    await asyncio.sleep(heartbeat)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a bug here must not leave a zombie leader
-            self.raft.fail(f"replication to node {self.target} crashed: {e!r}")
-            raise
+            self.wake.clear()
+            try:
+                await self._send_once()
+            except Closed:
+                return
+            except PayloadTooLarge as e:
+                self.entries_limit = max(1, min(self.entries_limit - 1, e.entries_hint))
+                self._trouble(f"payload too large, now {self.entries_limit} entries per request")
+            except (Unreachable, RemoteError) as e:
+                # Down, stopped (Fatal) or refusing us (token, cluster): back off.
+                backoff = backoff or self.network.backoff()
+                delay = next(backoff)
+                self._trouble(f"{type(e).__name__}: {e}; retrying in {delay:.3f}s")
+                await asyncio.sleep(delay)
+            except RaftHttpError as e:  # Timeout, NetworkError, ...: the next try may work
+                self._trouble(f"{type(e).__name__}: {e}")
+                await asyncio.sleep(heartbeat)
+            else:
+                backoff = None
+                if self._problem is not None:
+                    log.info("replication to node %s recovered", self.target)
+                    self._problem = None
+
+    def _trouble(self, problem: str) -> None:
+        """Log a new kind of trouble once at WARNING; repeats of it only at DEBUG."""
+        kind = problem.split(":", 1)[0]
+        if self._problem != kind:
+            log.warning("replication to node %s: %s", self.target, problem)
+            self._problem = kind
+        else:
+            log.debug("replication to node %s: %s", self.target, problem)
 
     async def _send_once(self) -> None:
         raft = self.raft
