@@ -837,3 +837,31 @@ async def test_runs_alone_with_run_app(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+async def test_body_shorter_than_its_content_length_reaches_no_handler(
+    client: Client, handler: RecordingHandler
+) -> None:
+    """A sender that declares more than it sends, then half-closes: nothing is handed on.
+
+    aiohttp treats the half-close as a lost connection, so there is nobody to answer;
+    what matters is that the handler never sees a partial body and the server goes on.
+    """
+    body = append_body()
+    head = (
+        f"POST /append HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body) + 50}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer == b"" or b" 400 " in answer.partition(b"\r\n")[0], answer
+    assert handler.names() == []
+    async with client.post("/append", data=append_body(), headers=JSON) as resp:
+        assert resp.status == 200
+    assert handler.names() == ["append_entries"]
