@@ -3,7 +3,9 @@
 Every wait is bounded in time and count. Ports are picked below the ephemeral
 range so a killed node can get its port back on restart (FIELD-NOTES). Node
 processes die with the test process (PR_SET_PDEATHSIG on Linux) and are killed
-by ``ProcessCluster.close()`` and at interpreter exit otherwise.
+by ``ClusterDriver.close()`` and at interpreter exit otherwise. ``ClusterDriver``
+is the logic every cluster harness shares (``ProcessCluster`` here, ``NetnsCluster``
+in netns_helpers.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +31,7 @@ from typing import Any, TypeVar
 HOST = "127.0.0.1"
 T = TypeVar("T")
 
-_LIVE: weakref.WeakSet[ProcessCluster] = weakref.WeakSet()
+_LIVE: weakref.WeakSet[ClusterDriver] = weakref.WeakSet()
 
 
 def _kill_live_clusters() -> None:
@@ -110,25 +113,62 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 20.0) ->
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last error: {last})")
 
 
-class ProcessCluster:
-    """Node processes of one test, each with its own port and data dir under ``root``."""
+class ClusterDriver(ABC):
+    """Start, kill and call the ``raft-http node`` processes of one test, wherever they live.
 
-    def __init__(self, root: Path, node_ids: Iterable[int], extra_args: Sequence[str] = ()) -> None:
+    The driving logic (following 307s, retrying 503s, agreeing on a leader) is written once
+    here; a subclass says only where a node listens, which node ids it has, how one HTTP
+    request reaches a node, and (optionally) how to wrap the node's command line.
+    """
+
+    start_timeout = 20.0  # how long start()/start_all() wait for a node to serve /metrics
+    call_attempts = 200  # requests call() makes (redirects and retries) before giving up
+    call_request_timeout = 10.0  # one request of call()
+    log_lines = 30  # logs(): lines kept per node
+
+    def __init__(self, root: Path, extra_args: Sequence[str] = ()) -> None:
         self.root = root
-        ids = list(node_ids)
-        self.ports = dict(zip(ids, free_ports(len(ids)), strict=True))
         self.extra_args = list(extra_args)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         _LIVE.add(self)
 
-    def add_ports(self, node_ids: Iterable[int]) -> None:
-        ids = [i for i in node_ids if i not in self.ports]
-        taken = set(self.ports.values())
-        fresh = [p for p in free_ports(len(ids) + len(taken)) if p not in taken]
-        self.ports.update(zip(ids, fresh, strict=False))
+    # --- what a subclass says ---------------------------------------------------
 
+    @abstractmethod
+    def node_ids(self) -> list[int]:
+        """Every node this cluster knows (started or not)."""
+
+    @abstractmethod
     def addr(self, node_id: int) -> str:
-        return f"{HOST}:{self.ports[node_id]}"
+        """``host:port`` the node listens on (and is told to listen on)."""
+
+    @abstractmethod
+    def http(
+        self, method: str, url: str, body: Any = None, timeout: float = 10.0
+    ) -> tuple[int, dict[str, str], Any]:
+        """One request to ``url``, redirects not followed: (status, headers, JSON or None)."""
+
+    def command(self, node_id: int) -> list[str]:
+        """The node's argv; a subclass may wrap it (e.g. in ``ip netns exec``)."""
+        return [
+            sys.executable,
+            "-m",
+            "raft_http.kv.cli",
+            "node",
+            "--id",
+            str(node_id),
+            "--listen",
+            self.addr(node_id),
+            "--data-dir",
+            str(self.root / f"data{node_id}"),
+            *self.extra_args,
+        ]
+
+    # An optional hook, so empty (not abstract) here.
+    def _release(self) -> None:  # noqa: B027
+        """Undo whatever else the cluster set up, once its processes are dead."""
+
+    # --- the processes ------------------------------------------------------------
 
     def url(self, node_id: int, route: str) -> str:
         return f"http://{self.addr(node_id)}{route}"
@@ -137,37 +177,28 @@ class ProcessCluster:
         return self.root / f"node{node_id}.log"
 
     def start(self, node_id: int, *, wait: bool = True) -> None:
-        """Start (or restart) a node on its port and data dir; wait until it serves /metrics."""
+        """Start (or restart) a node on its address and data dir; wait until it serves /metrics."""
         assert node_id not in self.procs or self.procs[node_id].poll() is not None
         with open(self.log_path(node_id), "ab") as log:
             self.procs[node_id] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "raft_http.kv.cli",
-                    "node",
-                    "--id",
-                    str(node_id),
-                    "--listen",
-                    self.addr(node_id),
-                    "--data-dir",
-                    str(self.root / f"data{node_id}"),
-                    "--log-level",
-                    "info",
-                    *self.extra_args,
-                ],
+                self.command(node_id),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
             )
         if wait:
-            wait_for(f"node {node_id} to serve /metrics", lambda: self.metrics(node_id))
+            self._wait_serving(node_id)
 
     def start_all(self) -> None:
-        for node_id in self.ports:
+        for node_id in self.node_ids():
             self.start(node_id, wait=False)
-        for node_id in self.ports:
-            wait_for(f"node {node_id} to serve /metrics", lambda n=node_id: self.metrics(n))
+        for node_id in self.node_ids():
+            self._wait_serving(node_id)
+
+    def _wait_serving(self, node_id: int) -> None:
+        wait_for(
+            f"node {node_id} to serve /metrics", lambda: self.metrics(node_id), self.start_timeout
+        )
 
     def kill(self, node_id: int) -> None:
         """SIGKILL: no chance to flush or say goodbye."""
@@ -191,19 +222,26 @@ class ProcessCluster:
         return proc is not None and proc.poll() is None
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
+        """Kill every process, then release the rest (see ``_release``); safe to call twice."""
+        try:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            for proc in self.procs.values():
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
-        _LIVE.discard(self)
+        finally:
+            self._release()
+            _LIVE.discard(self)
 
-    def logs(self, lines: int = 30) -> str:
+    def logs(self, lines: int | None = None) -> str:
+        keep = self.log_lines if lines is None else lines
         out = []
-        for node_id in self.procs:
+        for node_id in self.node_ids():
             path = self.log_path(node_id)
             if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                tail = path.read_bytes().decode(errors="replace").splitlines()[-keep:]
                 out.append(f"--- node {node_id} ---\n" + "\n".join(tail))
         return "\n".join(out)
 
@@ -213,18 +251,19 @@ class ProcessCluster:
         if not self.running(node_id):
             return None
         try:
-            status, _, answer = http("GET", self.url(node_id, "/metrics"), timeout=5)
+            status, _, answer = self.http("GET", self.url(node_id, "/metrics"), timeout=5)
         except OSError:
             return None
-        return answer if status == 200 else None  # type: ignore[no-any-return]
+        metrics: dict[str, Any] | None = answer if status == 200 else None
+        return metrics
 
     def call(self, node_id: int, route: str, body: Any = None, timeout: float = 20.0) -> Any:
-        """POST to a node, following 307s to the leader and retrying 503s until ``timeout``."""
+        """POST to a node, following 307s and retrying 503s and timeouts until ``timeout``."""
         url = self.url(node_id, route)
         deadline = time.monotonic() + timeout
-        for _ in range(200):
+        for _ in range(self.call_attempts):
             try:
-                status, headers, answer = http("POST", url, body)
+                status, headers, answer = self.http("POST", url, body, self.call_request_timeout)
             except OSError:
                 # The leader we were sent to may have just died: start over at the node asked.
                 if time.monotonic() > deadline:
@@ -234,6 +273,8 @@ class ProcessCluster:
                 continue
             if status == 307:
                 url = headers["Location"]
+                if not url.startswith("http"):
+                    url = f"http://{url}"
                 continue
             if status == 503 and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -243,14 +284,16 @@ class ProcessCluster:
             return answer
         raise AssertionError(f"POST {route} to node {node_id}: too many redirects or retries")
 
-    def write(self, node_id: int, key: str, value: str) -> dict[str, Any]:
-        answer: dict[str, Any] = self.call(node_id, "/write", {"Set": {"key": key, "value": value}})
+    def write(self, node_id: int, key: str, value: str, timeout: float = 20.0) -> dict[str, Any]:
+        answer: dict[str, Any] = self.call(
+            node_id, "/write", {"Set": {"key": key, "value": value}}, timeout
+        )
         assert answer["data"] == {"value": value}, answer
         return answer
 
     def leader(self, among: Iterable[int] | None = None) -> int | None:
         """The leader every running node in ``among`` agrees on and that says it leads."""
-        ids = [n for n in (among if among is not None else self.ports) if self.running(n)]
+        ids = [n for n in (among if among is not None else self.node_ids()) if self.running(n)]
         seen = {n: self.metrics(n) for n in ids}
         if not seen or any(m is None for m in seen.values()):
             return None
@@ -276,3 +319,29 @@ class ProcessCluster:
                 lambda n=node_id: self.applied(n) >= index,
                 timeout,
             )
+
+
+class ProcessCluster(ClusterDriver):
+    """Node processes on 127.0.0.1, each with its own port and data dir under ``root``."""
+
+    def __init__(self, root: Path, node_ids: Iterable[int], extra_args: Sequence[str] = ()) -> None:
+        super().__init__(root, ["--log-level", "info", *extra_args])
+        ids = list(node_ids)
+        self.ports = dict(zip(ids, free_ports(len(ids)), strict=True))
+
+    def add_ports(self, node_ids: Iterable[int]) -> None:
+        ids = [i for i in node_ids if i not in self.ports]
+        taken = set(self.ports.values())
+        fresh = [p for p in free_ports(len(ids) + len(taken)) if p not in taken]
+        self.ports.update(zip(ids, fresh, strict=False))
+
+    def node_ids(self) -> list[int]:
+        return list(self.ports)
+
+    def addr(self, node_id: int) -> str:
+        return f"{HOST}:{self.ports[node_id]}"
+
+    def http(
+        self, method: str, url: str, body: Any = None, timeout: float = 10.0
+    ) -> tuple[int, dict[str, str], Any]:
+        return http(method, url, body, timeout)  # the module-level function: 127.0.0.1 is local

@@ -20,29 +20,24 @@ only, so the probes from 10.213.7.254 always get through.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import ctypes
 import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
-import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 try:
-    from .cluster_helpers import _die_with_parent, wait_for
+    from .cluster_helpers import ClusterDriver
 except ImportError:
-    from cluster_helpers import _die_with_parent, wait_for  # type: ignore[no-redef]
+    from cluster_helpers import ClusterDriver  # type: ignore[no-redef]
 
 SUBNET = "10.213.7"  # a private /24 used only inside these namespaces
 PROBE_ADDR = f"{SUBNET}.254"
@@ -51,16 +46,7 @@ PREFIX = "rhnt-"
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
 
-_LIVE: weakref.WeakSet[NetnsCluster] = weakref.WeakSet()
 _COUNTER = iter(range(1_000_000))
-
-
-def _close_live() -> None:
-    for cluster in list(_LIVE):
-        cluster.close()
-
-
-atexit.register(_close_live)
 
 
 def run_ip(
@@ -182,20 +168,22 @@ def ns_http(
         conn.close()
 
 
-class NetnsCluster:
+class NetnsCluster(ClusterDriver):
     """Three (or more) node hosts on one bridge, and their ``raft-http node`` processes."""
 
+    start_timeout = 30.0
+    call_attempts = 400
+    call_request_timeout = 12.0
+    log_lines = 40
+
     def __init__(self, root: Path, node_ids: Iterable[int], extra_args: Sequence[str] = ()) -> None:
-        self.root = root
+        super().__init__(root, extra_args)
         self.ids = list(node_ids)
-        self.extra_args = list(extra_args)
         base = f"{PREFIX}{os.getpid()}-{next(_COUNTER)}"
         self.bridge_ns = f"{base}-br"
         self.ns = {n: f"{base}-{n}" for n in self.ids}
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.blackholes: set[tuple[int, int]] = set()
         self._created: list[str] = []
-        _LIVE.add(self)
 
     # --- the hosts ----------------------------------------------------------------
 
@@ -220,14 +208,14 @@ class NetnsCluster:
             run_ip("addr", "add", f"{self.ip(n)}/24", "dev", "eth0", ns=ns)
             run_ip("link", "set", "eth0", "up", ns=ns)
 
+    def node_ids(self) -> list[int]:
+        return list(self.ids)
+
     def ip(self, node_id: int) -> str:
         return f"{SUBNET}.{node_id + 1}"
 
     def addr(self, node_id: int) -> str:
         return f"{self.ip(node_id)}:{PORT}"
-
-    def url(self, node_id: int, route: str) -> str:
-        return f"http://{self.addr(node_id)}{route}"
 
     def blackhole(self, src: int, dst: int) -> None:
         """Drop everything ``src``'s host sends to ``dst`` (one direction)."""
@@ -249,75 +237,19 @@ class NetnsCluster:
 
     # --- the processes ------------------------------------------------------------
 
-    def log_path(self, node_id: int) -> Path:
-        return self.root / f"node{node_id}.log"
+    def command(self, node_id: int) -> list[str]:
+        # `ip netns exec` execs, so the process started (and PR_SET_PDEATHSIG'd) is the node.
+        return ["ip", "netns", "exec", self.ns[node_id], *super().command(node_id)]
 
-    def start(self, node_id: int, *, wait: bool = True) -> None:
-        assert node_id not in self.procs or self.procs[node_id].poll() is not None
-        with open(self.log_path(node_id), "ab") as log:
-            self.procs[node_id] = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    self.ns[node_id],
-                    sys.executable,
-                    "-m",
-                    "raft_http.kv.cli",
-                    "node",
-                    "--id",
-                    str(node_id),
-                    "--listen",
-                    self.addr(node_id),
-                    "--data-dir",
-                    str(self.root / f"data{node_id}"),
-                    *self.extra_args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # `ip netns exec` execs, so this is the node
-            )
-        if wait:
-            wait_for(f"node {node_id} to serve /metrics", lambda: self.metrics(node_id), 30)
-
-    def start_all(self) -> None:
-        for n in self.ids:
-            self.start(n, wait=False)
-        for n in self.ids:
-            wait_for(f"node {n} to serve /metrics", lambda n=n: self.metrics(n), 30)
-
-    def running(self, node_id: int) -> bool:
-        proc = self.procs.get(node_id)
-        return proc is not None and proc.poll() is None
-
-    def close(self) -> None:
-        """Kill every process, then delete every namespace; safe to call twice."""
-        try:
-            for proc in self.procs.values():
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(signal.SIGKILL)
-            for proc in self.procs.values():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
-        finally:
-            for ns in reversed(self._created):
-                run_ip("netns", "del", ns, check=False)
-            self._created.clear()
-            _LIVE.discard(self)
+    def _release(self) -> None:
+        """Delete every namespace (the processes in them are dead by now)."""
+        for ns in reversed(self._created):
+            run_ip("netns", "del", ns, check=False)
+        self._created.clear()
 
     def leftovers(self) -> list[str]:
         mine = {self.bridge_ns, *self.ns.values()}
         return [ns for ns in our_namespaces() if ns in mine]
-
-    def logs(self, lines: int = 40) -> str:
-        out = []
-        for n in self.ids:
-            path = self.log_path(n)
-            if path.exists():
-                tail = path.read_bytes().decode(errors="replace").splitlines()[-lines:]
-                out.append(f"--- node {n} ---\n" + "\n".join(tail))
-        return "\n".join(out)
 
     # --- the API, from the bridge namespace --------------------------------------
 
@@ -325,71 +257,3 @@ class NetnsCluster:
         self, method: str, url: str, body: Any = None, timeout: float = 10.0
     ) -> tuple[int, dict[str, str], Any]:
         return ns_http(self.bridge_ns, method, url, body, timeout)
-
-    def metrics(self, node_id: int) -> dict[str, Any] | None:
-        if not self.running(node_id):
-            return None
-        try:
-            status, _, answer = self.http("GET", self.url(node_id, "/metrics"), timeout=5)
-        except OSError:
-            return None
-        metrics: dict[str, Any] | None = answer if status == 200 else None
-        return metrics
-
-    def call(self, node_id: int, route: str, body: Any = None, timeout: float = 20.0) -> Any:
-        """POST to a node, following 307s and retrying 503s and timeouts until ``timeout``."""
-        url = self.url(node_id, route)
-        deadline = time.monotonic() + timeout
-        for _ in range(400):
-            try:
-                status, headers, answer = self.http("POST", url, body, timeout=12)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                url = self.url(node_id, route)
-                time.sleep(0.1)
-                continue
-            if status == 307:
-                url = headers["Location"]
-                if not url.startswith("http"):
-                    url = f"http://{url}"
-                continue
-            if status == 503 and time.monotonic() < deadline:
-                time.sleep(0.1)
-                url = self.url(node_id, route)
-                continue
-            assert status == 200, f"POST {url} {body!r} answered {status}: {answer}"
-            return answer
-        raise AssertionError(f"POST {route} to node {node_id}: too many redirects or retries")
-
-    def write(self, node_id: int, key: str, value: str, timeout: float = 20.0) -> dict[str, Any]:
-        answer: dict[str, Any] = self.call(
-            node_id, "/write", {"Set": {"key": key, "value": value}}, timeout
-        )
-        assert answer["data"] == {"value": value}, answer
-        return answer
-
-    def leader(self, among: Iterable[int] | None = None) -> int | None:
-        """The leader every node in ``among`` agrees on and that says it leads."""
-        ids = [n for n in (among if among is not None else self.ids) if self.running(n)]
-        seen = {n: self.metrics(n) for n in ids}
-        if not seen or any(m is None for m in seen.values()):
-            return None
-        leaders = {m["current_leader"] for m in seen.values() if m is not None}
-        if len(leaders) != 1:
-            return None
-        (leader,) = leaders
-        m = seen.get(leader)
-        return leader if m is not None and m["state"] == "Leader" else None
-
-    def wait_leader(self, among: Iterable[int] | None = None, timeout: float = 20.0) -> int:
-        ids = list(among) if among is not None else None
-        leader: int = wait_for("a leader all nodes agree on", lambda: self.leader(ids), timeout)
-        return leader
-
-    def applied(self, node_id: int) -> int:
-        m = self.metrics(node_id)
-        if not m or m["last_applied"] is None:
-            return -1
-        index: int = m["last_applied"]["index"]
-        return index
