@@ -969,3 +969,92 @@ async def test_cancel_coroutine_completing_first_is_closed(aiohttp_server: Serve
         assert raft.installed == []
     finally:
         await net.factory.close()
+
+
+# --- end-to-end checksum (Raft-Snapshot-Sha256) ----------------------------------------
+
+
+def summed(data: bytes, snapshot_id: str = "snap-1", sha256: str | None = None) -> Snapshot:
+    digest = hashlib.sha256(data).hexdigest() if sha256 is None else sha256
+    return Snapshot(snapshot_meta(snapshot_id), io.BytesIO(data), sha256=digest)
+
+
+def upload_headers(raft: FakeRaft) -> list[dict[str, str]]:
+    """The headers of each POST /snapshot (not the HEADs asking where to resume)."""
+    return [h for h in raft.headers if "Raft-Snapshot-Size" in h]
+
+
+async def test_checksum_header_on_fresh_and_resumed_uploads(
+    aiohttp_server: ServerFactory,
+) -> None:
+    raft = FakeRaft(drop_after=[300_000])
+    net = await fake_server(aiohttp_server, raft)
+    data = payload(1024 * 1024)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        await net.full_snapshot(
+            vote(1), summed(data), never(), RPCOption(5.0, snapshot_chunk_size=64 * 1024)
+        )
+        [(_, _, got)] = raft.installed
+        assert got == data
+        sent = upload_headers(raft)
+        assert [h["Raft-Snapshot-Offset"] != "0" for h in sent] == [False, True]
+        assert [h.get("Raft-Snapshot-Sha256") for h in sent] == [digest, digest]
+        # without a known checksum, no header
+        raft.headers.clear()
+        await net.full_snapshot(vote(1), snapshot_of(b"plain", "snap-2"), never(), OPT)
+        [plain] = upload_headers(raft)
+        assert "Raft-Snapshot-Sha256" not in plain
+    finally:
+        await net.factory.close()
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "A" * 64, "g" * 64, "a" * 63, "a" * 65, " " + "a" * 64])
+async def test_malformed_checksum_is_a_transfer_error_before_sending(
+    aiohttp_server: ServerFactory, bad: str
+) -> None:
+    raft = FakeRaft()
+    net = await fake_server(aiohttp_server, raft)
+    try:
+        with pytest.raises(SnapshotTransferError, match="sha256") as info:
+            await net.full_snapshot(vote(1), summed(b"data", sha256=bad), never(), OPT)
+        assert info.value.meta == snapshot_meta()
+        assert raft.headers == []
+    finally:
+        await net.factory.close()
+
+
+async def test_e2e_checksum_verified_across_a_resume(aiohttp_server: ServerFactory) -> None:
+    handler = Recorder()
+    node = await real_server(aiohttp_server, handler)
+    proxy = DroppingProxy(int(node.addr.rsplit(":", 1)[1]), after=700_000, drops=1)
+    port = await proxy.start()
+    data = payload(3 * 1024 * 1024)
+    try:
+        async with HttpNetworkFactory(max_resume_attempts=5) as f:
+            await f.new_client(2, Node(f"127.0.0.1:{port}")).full_snapshot(
+                vote(1), summed(data), never(), RPCOption(10.0, 256 * 1024)
+            )
+    finally:
+        await proxy.close()
+    assert proxy.dropped == 1
+    [(_, _, digest)] = handler.installed
+    assert digest == hashlib.sha256(data).hexdigest()
+
+
+async def test_e2e_wrong_checksum_is_a_remote_checksum_mismatch(
+    aiohttp_server: ServerFactory,
+) -> None:
+    handler = Recorder()
+    node = await real_server(aiohttp_server, handler)
+    data = payload(200_000)
+    wrong = hashlib.sha256(data + b"!").hexdigest()
+    async with HttpNetworkFactory() as f:
+        with pytest.raises(RemoteError) as info:
+            await f.new_client(2, node).full_snapshot(
+                vote(1), summed(data, sha256=wrong), never(), OPT
+            )
+    assert isinstance(info.value.source, APIError)
+    assert info.value.source.kind == "checksum_mismatch"
+    assert wrong in info.value.source.message
+    assert handler.installed == []

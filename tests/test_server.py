@@ -865,3 +865,209 @@ async def test_body_shorter_than_its_content_length_reaches_no_handler(
     async with client.post("/append", data=append_body(), headers=JSON) as resp:
         assert resp.status == 200
     assert handler.names() == ["append_entries"]
+
+
+# --- end-to-end checksum (Raft-Snapshot-Sha256) ----------------------------------------
+
+
+class ChecksumRecordingHandler(RecordingHandler):
+    """Also records the ``sha256`` each installed Snapshot carried."""
+
+    def __init__(self, my_vote: Any) -> None:
+        super().__init__(my_vote=my_vote)
+        self.given_sha256: list[str | None] = []
+
+    async def install_full_snapshot(self, v: Any, snapshot: Any) -> Any:
+        self.given_sha256.append(snapshot.sha256)
+        return await super().install_full_snapshot(v, snapshot)
+
+
+def wrong_digest(right: str) -> str:
+    return ("0" if right[0] != "0" else "1") + right[1:]
+
+
+async def test_snapshot_with_the_right_checksum_installs_and_carries_it(
+    aiohttp_client: Callable[..., Awaitable[Client]], tmp_path: Path
+) -> None:
+    handler = ChecksumRecordingHandler(vote(2))
+    client = await aiohttp_client(
+        raft_app(handler, spool_dir=tmp_path / "spool", read_chunk_size=64 * 1024)
+    )
+    total = 1_000_000 + 7
+    digest = sha256_of_stream_sync(total)
+    headers = snapshot_headers(
+        vote(2), snapshot_meta("summed"), total, **{"Raft-Snapshot-Sha256": digest}
+    )
+    resp = await client.post("/snapshot", data=body_stream(total, 50_000), headers=headers)
+    assert resp.status == 200, await resp.text()
+    # upper-case hex is accepted and handed on normalised
+    data = snapshot_bytes(1000)
+    upper = sha256_of_stream_sync(1000).upper()
+    headers = snapshot_headers(
+        vote(2), snapshot_meta("upper"), 1000, **{"Raft-Snapshot-Sha256": upper}
+    )
+    resp = await client.post("/snapshot", data=data, headers=headers)
+    assert resp.status == 200, await resp.text()
+    # no header: no check, and the handler is told nothing is known
+    resp = await client.post(
+        "/snapshot", data=data, headers=snapshot_headers(vote(2), snapshot_meta("plain"), 1000)
+    )
+    assert resp.status == 200, await resp.text()
+    assert [(i.meta.snapshot_id, i.sha256) for i in handler.installed] == [
+        ("summed", digest),
+        ("upper", upper.lower()),
+        ("plain", sha256_of_stream_sync(1000)),
+    ]
+    assert handler.given_sha256 == [digest, upper.lower(), None]
+    assert [i.position_at_start for i in handler.installed] == [0, 0, 0]
+    assert spool_files(tmp_path / "spool") == []
+
+
+async def test_snapshot_with_a_wrong_checksum_is_refused_and_spool_deleted(
+    make: MakeClient, handler: RecordingHandler, tmp_path: Path
+) -> None:
+    client = await make(read_chunk_size=64 * 1024)
+    total = 700_000
+    right = sha256_of_stream_sync(total)
+    wrong = wrong_digest(right)
+    headers = snapshot_headers(vote(2), snapshot_meta(), total, **{"Raft-Snapshot-Sha256": wrong})
+    resp = await client.post("/snapshot", data=body_stream(total), headers=headers)
+    err = await error_of(resp, 400, "checksum_mismatch")
+    assert wrong in err["message"]
+    assert right in err["message"]
+    assert handler.calls == []
+    assert await held(client) == 0
+    assert spool_files(tmp_path / "spool") == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["abc", "g" * 64, "a" * 63, "a" * 65, "sha256:" + "a" * 64, "", "a" * 32 + " " + "a" * 31],
+)
+async def test_garbled_checksum_header_is_400_naming_it(
+    client: Client, handler: RecordingHandler, tmp_path: Path, value: str
+) -> None:
+    headers = snapshot_headers(vote(2), snapshot_meta(), 3, **{"Raft-Snapshot-Sha256": value})
+    err = await error_of(
+        await client.post("/snapshot", data=b"abc", headers=headers), 400, "bad_request"
+    )
+    assert "Raft-Snapshot-Sha256" in err["message"]
+    assert handler.calls == []
+    assert spool_files(tmp_path / "spool") == []
+
+
+async def drop_mid_upload(
+    session: aiohttp.ClientSession,
+    url: str,
+    done: RequestsDone,
+    headers: dict[str, str],
+    total: int,
+    stop: int,
+) -> int:
+    """Upload bytes [0, stop) of the test snapshot, drop the connection; returns bytes held."""
+    sent_enough = asyncio.Event()
+    sid = json.loads(headers["Raft-Snapshot-Meta"])["snapshot_id"]
+
+    async def offset() -> int:
+        async with session.head(url, headers={"Raft-Snapshot-Id": sid}) as resp:
+            assert resp.status == 200
+            return int(resp.headers["Raft-Snapshot-Offset"])
+
+    async def then_hang() -> AsyncIterator[bytes]:
+        async for piece in body_stream(total, stop=stop):
+            yield piece
+        sent_enough.set()
+        await asyncio.sleep(3600)
+
+    while not done.finished.empty():  # forget the requests that finished before
+        done.finished.get_nowait()
+    upload = asyncio.create_task(session.post(url, data=then_hang(), headers=headers))
+    await asyncio.wait_for(sent_enough.wait(), 30)
+    for _ in range(500):  # wait until the server has written something
+        if await offset() > 0:
+            break
+        await asyncio.sleep(0.01)
+    upload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await upload
+    await asyncio.wait_for(done.finished.get(), 30)
+    resume_at = await offset()
+    assert 0 < resume_at <= stop
+    return resume_at
+
+
+async def test_resumed_upload_verifies_the_whole_file(
+    handler: RecordingHandler, tmp_path: Path
+) -> None:
+    """A resume whose tail does not belong to the head is caught; a right one installs."""
+    app = raft_app(handler, spool_dir=tmp_path, read_chunk_size=64 * 1024)
+    total = 2_000_000
+    right = sha256_of_stream_sync(total)
+    meta = snapshot_meta("resumable")
+    extra = {"Raft-Snapshot-Sha256": right}
+    async with serve_mounted(app) as (base, done), aiohttp.ClientSession() as session:
+        url = f"{base}/snapshot"
+        # 1. dropped, then resumed with a tail of other bytes: right size, wrong data
+        headers = snapshot_headers(vote(2), meta, total, **extra)
+        at = await drop_mid_upload(session, url, done, headers, total, 1_200_000)
+        headers = snapshot_headers(vote(2), meta, total, offset=at, **extra)
+        async with session.post(url, data=b"\0" * (total - at), headers=headers) as resp:
+            err = await error_of(resp, 400, "checksum_mismatch")
+        assert right in err["message"]
+        assert handler.calls == []
+        assert spool_files(tmp_path) == []
+
+        # 2. dropped, then resumed with the right tail: verified and installed
+        headers = snapshot_headers(vote(2), meta, total, **extra)
+        at = await drop_mid_upload(session, url, done, headers, total, 1_200_000)
+        headers = snapshot_headers(vote(2), meta, total, offset=at, **extra)
+        async with session.post(url, data=body_stream(total, start=at), headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+    [installed] = handler.installed
+    assert (installed.size, installed.sha256) == (total, right)
+    assert spool_files(tmp_path) == []
+
+
+async def test_resume_with_another_checksum_is_refused_and_spool_deleted(
+    handler: RecordingHandler, tmp_path: Path
+) -> None:
+    app = raft_app(handler, spool_dir=tmp_path, read_chunk_size=64 * 1024)
+    total = 1_000_000
+    right = sha256_of_stream_sync(total)
+    meta = snapshot_meta("resumable")
+    async with serve_mounted(app) as (base, done), aiohttp.ClientSession() as session:
+        url = f"{base}/snapshot"
+        for started, resumed in [(right, wrong_digest(right)), (right, None), (None, right)]:
+            first = {"Raft-Snapshot-Sha256": started} if started else {}
+            headers = snapshot_headers(vote(2), meta, total, **first)
+            at = await drop_mid_upload(session, url, done, headers, total, 600_000)
+            second = {"Raft-Snapshot-Sha256": resumed} if resumed else {}
+            headers = snapshot_headers(vote(2), meta, total, offset=at, **second)
+            async with session.post(
+                url, data=body_stream(total, start=at), headers=headers
+            ) as resp:
+                err = await error_of(resp, 400, "checksum_mismatch")
+            assert "started with" in err["message"]
+            assert spool_files(tmp_path) == []
+            async with session.head(url, headers={"Raft-Snapshot-Id": "resumable"}) as resp:
+                assert resp.headers["Raft-Snapshot-Offset"] == "0"
+    assert handler.calls == []
+
+
+async def test_per_chunk_fragment_cannot_continue_a_checksummed_upload(
+    handler: RecordingHandler, tmp_path: Path
+) -> None:
+    app = raft_app(handler, spool_dir=tmp_path, read_chunk_size=64 * 1024)
+    total = 1_000_000
+    meta = snapshot_meta("resumable")
+    extra = {"Raft-Snapshot-Sha256": sha256_of_stream_sync(total)}
+    async with serve_mounted(app) as (base, done), aiohttp.ClientSession() as session:
+        url = f"{base}/snapshot"
+        headers = snapshot_headers(vote(2), meta, total, **extra)
+        at = await drop_mid_upload(session, url, done, headers, total, 600_000)
+        body = chunk_body("resumable", at, b"x", done=True)
+        async with session.post(url, json=body) as resp:
+            err = await error_of(resp, 409, "snapshot_mismatch")
+        assert err["expect"] == {"snapshot_id": "resumable", "offset": 0}
+        assert spool_files(tmp_path) == []
+    assert handler.calls == []

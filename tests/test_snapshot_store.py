@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import threading
@@ -302,3 +303,34 @@ async def test_reload_prefers_the_snapshot_covering_most_log(tmp_path: Path) -> 
     reloaded = SnapshotStore(directory)
     assert await read_latest(reloaded) == (meta(50), payload(50))
     assert newest.startswith("00000000000000000000-")
+
+
+async def latest_sha256(store: SnapshotStore) -> str | None:
+    snap = await store.open_latest()
+    assert snap is not None
+    with snap.data:
+        return snap.sha256
+
+
+async def test_open_latest_carries_the_sidecar_sha256(tmp_path: Path) -> None:
+    """What a transport sends as the snapshot's checksum: after save, save_from and a reload."""
+    store = SnapshotStore(tmp_path)
+    assert await store.open_latest() is None
+    await store.save(meta(1), writer(payload(1)))
+    assert await latest_sha256(store) == hashlib.sha256(payload(1)).hexdigest()
+    source = io.BytesIO(payload(2))
+    source.seek(99)
+    await store.save_from(meta(2), source)
+    assert await latest_sha256(store) == hashlib.sha256(payload(2)).hexdigest()
+    # a save covering less leaves the latest, and its checksum, alone
+    await store.save(meta(1, "older"), writer(payload(3)))
+    assert await latest_sha256(store) == hashlib.sha256(payload(2)).hexdigest()
+    reloaded = SnapshotStore(tmp_path)
+    assert await latest_sha256(reloaded) == hashlib.sha256(payload(2)).hexdigest()
+
+
+async def test_sha256_follows_the_fallback_after_corruption(tmp_path: Path) -> None:
+    data = await _two_snapshots(tmp_path)
+    data.write_bytes(data.read_bytes()[:-1])
+    store = SnapshotStore(tmp_path)
+    assert await latest_sha256(store) == hashlib.sha256(payload(1)).hexdigest()

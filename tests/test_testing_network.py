@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import subprocess
 import sys
+from pathlib import Path
 from typing import BinaryIO
 
 import msgspec
@@ -18,10 +20,12 @@ from raft_http.errors import (
     PayloadTooLarge,
     RemoteError,
     ReplicationClosed,
+    SnapshotTransferError,
     Timeout,
     Unreachable,
 )
 from raft_http.network import RPCOption
+from raft_http.raft.snapshot_store import SnapshotStore
 from raft_http.testing import MemoryNetwork, MemoryRouter
 from raft_http.types import (
     AppendEntriesRequest,
@@ -366,3 +370,87 @@ async def test_full_snapshot_faults(router: MemoryRouter) -> None:
 def test_no_aiohttp_import() -> None:
     code = "import sys, raft_http.testing; sys.exit('aiohttp' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+# --- end-to-end checksum ---------------------------------------------------------------
+
+
+class ChecksumHandler(FakeHandler):
+    """Also records the ``sha256`` each installed Snapshot carried."""
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(node_id)
+        self.given_sha256: list[str | None] = []
+
+    async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
+        self.given_sha256.append(snapshot.sha256)
+        return await super().install_full_snapshot(vote, snapshot)
+
+
+def summed(data: bytes, sha256: str | None) -> Snapshot:
+    f: BinaryIO = io.BytesIO(data)
+    f.seek(len(data) // 3)
+    return Snapshot(snapshot_meta(), f, sha256=sha256)
+
+
+async def test_full_snapshot_checksum_is_verified_and_passed_on(router: MemoryRouter) -> None:
+    target = ChecksumHandler(2)
+    router.register(2, target)
+    data = bytes(i % 251 for i in range(300_000))
+    digest = hashlib.sha256(data).hexdigest()
+    option = RPCOption(hard_ttl=30, snapshot_chunk_size=16 * 1024)
+    await net(router, 1, 2).full_snapshot(VOTE, summed(data, digest), never(), option)
+    await net(router, 1, 2).full_snapshot(VOTE, summed(data, None), never(), option)
+    assert [received for _, _, received in target.snapshots] == [data, data]
+    assert target.given_sha256 == [digest, None]
+
+
+async def test_full_snapshot_with_a_wrong_checksum_is_refused(router: MemoryRouter) -> None:
+    target = ChecksumHandler(2)
+    router.register(2, target)
+    data = bytes(i % 251 for i in range(100_000))
+    wrong = hashlib.sha256(data + b"x").hexdigest()
+    with pytest.raises(NetworkError, match="checksum mismatch") as info:
+        await net(router, 1, 2).full_snapshot(VOTE, summed(data, wrong), never(), OPT)
+    assert wrong in str(info.value)
+    assert hashlib.sha256(data).hexdigest() in str(info.value)
+    assert not target.install_started.is_set()
+    assert target.snapshots == []
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "A" * 64, "z" * 64, "a" * 65])
+async def test_full_snapshot_with_a_malformed_checksum_is_a_transfer_error(
+    router: MemoryRouter, bad: str
+) -> None:
+    with pytest.raises(SnapshotTransferError, match="sha256"):
+        await net(router, 1, 2).full_snapshot(VOTE, summed(b"abc", bad), never(), OPT)
+    assert handler(router, 2).snapshots == []
+
+
+async def test_corrupted_snapshot_file_is_refused(router: MemoryRouter, tmp_path: Path) -> None:
+    """Bit rot after the store verified its snapshot: the sidecar's sha256 catches it on the way."""
+    store = SnapshotStore(tmp_path)
+    data = bytes(i % 251 for i in range(200_000))
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    await store.save(snapshot_meta(), write)
+    (data_file,) = tmp_path.glob("*.snap")
+    good = await store.open_latest()
+    assert good is not None
+    with good.data:
+        assert good.sha256 == hashlib.sha256(data).hexdigest()
+        await net(router, 1, 2).full_snapshot(VOTE, good, never(), OPT)
+    assert [received for _, _, received in handler(router, 2).snapshots] == [data]
+
+    with open(data_file, "r+b") as f:  # one byte flipped, same size
+        f.seek(123_456)
+        byte = f.read(1)
+        f.seek(123_456)
+        f.write(bytes([byte[0] ^ 0x40]))
+    rotten = await store.open_latest()
+    assert rotten is not None
+    with rotten.data, pytest.raises(NetworkError, match="checksum mismatch"):
+        await net(router, 1, 2).full_snapshot(VOTE, rotten, never(), OPT)
+    assert len(handler(router, 2).snapshots) == 1

@@ -74,6 +74,7 @@ MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 EXCERPT_CHARS: Final = 200
 
 _ASCII_UNSAFE = re.compile(r"[^\x00-\x7f]")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _SNAPSHOT_READ_LOCK = threading.Lock()
 """Serialises seek+read on snapshot files, which several uploads may share."""
 
@@ -425,6 +426,15 @@ class HttpNetwork(RaftNetwork):
     ) -> SnapshotResponse:
         action = "full_snapshot"
         meta = snapshot.meta
+        sha256 = snapshot.sha256
+        if sha256 is not None and (
+            not isinstance(sha256, str) or not _SHA256_HEX.fullmatch(sha256)
+        ):
+            raise SnapshotTransferError(
+                meta,
+                f"snapshot {meta.snapshot_id!r}: sha256 must be 64 lowercase hex digits, "
+                f"got {str(sha256)[:80]!r}",
+            )
         size = await asyncio.to_thread(_file_size, snapshot.data)
         headers = {
             **self.factory.headers,
@@ -433,6 +443,9 @@ class HttpNetwork(RaftNetwork):
             "Raft-Snapshot-Meta": _ascii_json(SNAPSHOT_META.encode(meta)),
             "Raft-Snapshot-Size": str(size),
         }
+        if sha256 is not None:
+            # On every request, fresh or resumed: the server checks the whole file.
+            headers["Raft-Snapshot-Sha256"] = sha256
         offset = 0
         resumes = 0
         while True:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Any, BinaryIO, Final, NoReturn, TypeVar
 
 import msgspec
 from aiohttp import ClientPayloadError, hdrs, web
@@ -25,7 +26,14 @@ from aiohttp.typedefs import Middleware
 
 from .errors import APIError, Fatal, RaftError, SnapshotMismatch
 from .network import RaftHandler
-from .spool import OffsetMismatch, SnapshotSpool, SpoolError, SpoolLease, SpoolLost
+from .spool import (
+    ChecksumConflict,
+    OffsetMismatch,
+    SnapshotSpool,
+    SpoolError,
+    SpoolLease,
+    SpoolLost,
+)
 from .types import (
     APPEND_ENTRIES_REQUEST,
     APPEND_ENTRIES_RESPONSE,
@@ -69,11 +77,13 @@ H_META: Final = "Raft-Snapshot-Meta"
 H_SIZE: Final = "Raft-Snapshot-Size"
 H_OFFSET: Final = "Raft-Snapshot-Offset"
 H_ID: Final = "Raft-Snapshot-Id"
+H_SHA256: Final = "Raft-Snapshot-Sha256"
 
 JSON: Final = "application/json"
 OCTETS: Final = "application/octet-stream"
 
 _COUNT = re.compile(r"[0-9]{1,19}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +295,17 @@ def _header_json(request: web.Request, name: str, codec: JsonCodec[_T]) -> _T:
         _bad_request(f"invalid header {name}: {exc}")
 
 
+def _header_sha256(request: web.Request) -> str | None:
+    """The optional checksum of the whole snapshot, lowercased; None when not sent."""
+    value = request.headers.get(H_SHA256)
+    if value is None:
+        return None
+    value = value.strip()
+    if not _SHA256_HEX.fullmatch(value):
+        _bad_request(f"invalid header {H_SHA256}: expected 64 hex digits, got {value[:80]!r}")
+    return value.lower()
+
+
 def _header_count(request: web.Request, name: str) -> int:
     value = _header(request, name).strip()
     if not _COUNT.fullmatch(value):
@@ -330,6 +351,7 @@ class _Routes:
         meta = _header_json(request, H_META, SNAPSHOT_META)
         size = _header_count(request, H_SIZE)
         offset = _header_count(request, H_OFFSET)
+        sha256 = _header_sha256(request)
         if offset > size:
             _bad_request(f"{H_OFFSET} {offset} is past {H_SIZE} {size}")
         handler = request.app[RAFT_HANDLER]
@@ -341,7 +363,9 @@ class _Routes:
         spool = request.app[SNAPSHOT_SPOOL]
         sid = meta.snapshot_id
         try:
-            lease = await spool.claim(sid, offset)
+            lease = await spool.claim(sid, offset, sha256=sha256)
+        except ChecksumConflict as exc:
+            raise _Problem(400, "checksum_mismatch", str(exc)) from None
         except OffsetMismatch as exc:
             raise _Problem(
                 409,
@@ -359,7 +383,7 @@ class _Routes:
         if received != remaining:
             await spool.remove(sid, lease)
             raise _size_mismatch(sid, size, offset, f"the body ended after {received} bytes")
-        return _json(SNAPSHOT_RESPONSE, await _install(request, lease, vote, meta))
+        return _json(SNAPSHOT_RESPONSE, await _install(request, lease, vote, meta, sha256))
 
     @staticmethod
     async def snapshot_chunk(request: web.Request) -> web.Response:
@@ -380,6 +404,8 @@ class _Routes:
                 lease = await spool.claim(sid, rpc.offset)
             except OffsetMismatch as exc:
                 raise SnapshotMismatch((sid, exc.expected), (sid, rpc.offset)) from None
+            except ChecksumConflict:  # a streamed upload with a checksum: nothing to continue
+                raise SnapshotMismatch((sid, 0), (sid, rpc.offset)) from None
             if rpc.data:
                 await spool.append(lease, rpc.data)
         except SpoolLost:
@@ -453,9 +479,17 @@ async def _spool_body(request: web.Request, lease: SpoolLease, remaining: int) -
 
 
 async def _install(
-    request: web.Request, lease: SpoolLease, vote: Vote, meta: SnapshotMeta
+    request: web.Request,
+    lease: SpoolLease,
+    vote: Vote,
+    meta: SnapshotMeta,
+    sha256: str | None = None,
 ) -> SnapshotResponse:
-    """Hand the completed spool to the handler, then delete it whatever the outcome."""
+    """Hand the completed spool to the handler, then delete it whatever the outcome.
+
+    With a ``sha256``, the whole file is hashed first (the byte count alone would
+    pass a wrongly stitched resume) and the handler sees only verified data.
+    """
     spool = request.app[SNAPSHOT_SPOOL]
     try:
         data = await spool.open_for_install(lease)
@@ -469,10 +503,33 @@ async def _install(
             headers={H_OFFSET: str(held)},
         ) from None
     try:
-        return await request.app[RAFT_HANDLER].install_full_snapshot(vote, Snapshot(meta, data))
+        if sha256 is not None:
+            chunk = request.app[SERVER_CONFIG].read_chunk_size
+            size, actual = await asyncio.to_thread(_hash_from_start, data, chunk)
+            if actual != sha256:
+                raise _Problem(
+                    400,
+                    "checksum_mismatch",
+                    f"snapshot {meta.snapshot_id!r}: {H_SHA256} expected {sha256}, "
+                    f"the {size} bytes received hash to {actual}; partial snapshot deleted",
+                )
+        snapshot = Snapshot(meta, data, sha256=sha256)
+        return await request.app[RAFT_HANDLER].install_full_snapshot(vote, snapshot)
     finally:
         await asyncio.to_thread(data.close)
         await spool.remove(lease.snapshot_id, lease)
+
+
+def _hash_from_start(data: BinaryIO, chunk: int) -> tuple[int, str]:
+    """Size and sha256 of ``data`` read from its start in chunks; leaves it at 0 again."""
+    digest = hashlib.sha256()
+    size = 0
+    data.seek(0)
+    while piece := data.read(chunk):
+        digest.update(piece)
+        size += len(piece)
+    data.seek(0)
+    return size, digest.hexdigest()
 
 
 # --- the app -----------------------------------------------------------------------

@@ -48,6 +48,23 @@ class OffsetMismatch(SpoolError):
         self.got = got
 
 
+class ChecksumConflict(SpoolError):
+    """A resume names another sha256 than the upload it continues: not the same data.
+
+    The partial upload is deleted when this is raised: its bytes cannot be trusted
+    to belong to either upload.
+    """
+
+    def __init__(self, snapshot_id: str, held: str | None, got: str | None) -> None:
+        super().__init__(
+            f"snapshot {snapshot_id!r}: the upload was started with sha256 {held or 'none'}, "
+            f"this resume says {got or 'none'}; partial snapshot deleted, start over at offset 0"
+        )
+        self.snapshot_id = snapshot_id
+        self.held = held
+        self.got = got
+
+
 class SpoolLost(SpoolError):
     """The partial upload this writer fed is gone (superseded, expired, or taken over)."""
 
@@ -59,6 +76,7 @@ class _Partial:
     held: int
     last_progress: float
     generation: int
+    sha256: str | None = None  # the checksum the upload was started with
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     installing: bool = False
 
@@ -167,12 +185,16 @@ class SnapshotSpool:
 
     # --- writing -------------------------------------------------------------------
 
-    async def claim(self, snapshot_id: str, offset: int) -> SpoolLease:
+    async def claim(
+        self, snapshot_id: str, offset: int, *, sha256: str | None = None
+    ) -> SpoolLease:
         """Take over the upload of ``snapshot_id`` from ``offset``.
 
         Offset 0 starts it afresh, dropping what was held for it and every other
-        partial upload (not the ones being installed). A non-zero offset must equal
-        the bytes held, else ``OffsetMismatch``.
+        partial upload (not the ones being installed), and remembers ``sha256``. A
+        non-zero offset must name the same ``sha256`` as the start (else
+        ``ChecksumConflict``, and the partial upload is dropped) and equal the bytes
+        held (else ``OffsetMismatch``).
         """
         if offset < 0:
             raise ValueError("offset must be >= 0")
@@ -186,7 +208,9 @@ class SnapshotSpool:
             )
             await asyncio.to_thread(_create, path)
             generation = next(self._generations)
-            self._partials[snapshot_id] = _Partial(snapshot_id, path, 0, self._clock(), generation)
+            self._partials[snapshot_id] = _Partial(
+                snapshot_id, path, 0, self._clock(), generation, sha256
+            )
             return SpoolLease(snapshot_id, generation)
         p = self._partials.get(snapshot_id)
         if p is None or p.installing:
@@ -194,6 +218,9 @@ class SnapshotSpool:
         async with p.lock:  # wait for a stale writer's chunk in flight
             if self._partials.get(snapshot_id) is not p:
                 raise OffsetMismatch(snapshot_id, self.held(snapshot_id), offset)
+            if p.sha256 != sha256:
+                await self._drop(p)
+                raise ChecksumConflict(snapshot_id, p.sha256, sha256)
             if p.held != offset:
                 raise OffsetMismatch(snapshot_id, p.held, offset)
             p.generation = next(self._generations)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
+import re
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,10 +30,12 @@ import msgspec
 
 from .errors import (
     Closed,
+    NetworkError,
     PayloadTooLarge,
     RaftError,
     RemoteError,
     ReplicationClosed,
+    SnapshotTransferError,
     Timeout,
     Unreachable,
 )
@@ -61,6 +65,7 @@ T = TypeVar("T")
 
 _SPOOL_IN_MEMORY: Final = 1024 * 1024
 """Snapshots up to this size stay in memory on the way; larger ones go to a temp file."""
+_SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -318,21 +323,37 @@ class MemoryNetwork(RaftNetwork):
     ) -> SnapshotResponse:
         vote_body = VOTE.encode(vote)
         meta_body = SNAPSHOT_META.encode(snapshot.meta)
+        expected = snapshot.sha256
+        if expected is not None and not _SHA256_HEX.fullmatch(expected):
+            raise SnapshotTransferError(
+                snapshot.meta,
+                f"snapshot {snapshot.meta.snapshot_id!r}: sha256 must be 64 lowercase hex "
+                f"digits, got {expected[:80]!r}",
+            )
 
         async def call(handler: RaftHandler) -> bytes:
             # closed in a worker thread below: closing may delete a file
             spool = cast(BinaryIO, tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY))  # noqa: SIM115
             try:
+                digest = hashlib.sha256()
                 offset = 0
                 while True:  # one chunk per thread call: a cancel is seen between chunks
                     n = await asyncio.to_thread(
-                        _copy_chunk, snapshot.data, spool, offset, option.chunk_size
+                        _copy_chunk, snapshot.data, spool, offset, option.chunk_size, digest
                     )
                     if n == 0:
                         break
                     offset += n
+                # As the HTTP server does: the handler never sees data that fails its checksum.
+                if expected is not None and digest.hexdigest() != expected:
+                    raise NetworkError(
+                        f"full_snapshot to node {self.target}: snapshot "
+                        f"{snapshot.meta.snapshot_id!r} checksum mismatch: expected {expected}, "
+                        f"the {offset} bytes sent hash to {digest.hexdigest()}",
+                        target=self.target,
+                    )
                 await asyncio.to_thread(spool.seek, 0)
-                received = Snapshot(SNAPSHOT_META.decode(meta_body), spool)
+                received = Snapshot(SNAPSHOT_META.decode(meta_body), spool, sha256=expected)
                 reply = await handler.install_full_snapshot(VOTE.decode(vote_body), received)
                 return SNAPSHOT_RESPONSE.encode(reply)
             finally:
@@ -351,11 +372,12 @@ def _closed_reason(cancel: asyncio.Future[ReplicationClosed]) -> ReplicationClos
     return cancel.result()
 
 
-def _copy_chunk(src: BinaryIO, dst: BinaryIO, offset: int, size: int) -> int:
+def _copy_chunk(src: BinaryIO, dst: BinaryIO, offset: int, size: int, digest: hashlib._Hash) -> int:
     """Copy up to ``size`` bytes at ``offset`` (seek and read in one call: no shared position)."""
     src.seek(offset)
     data = src.read(size)
     dst.write(data)
+    digest.update(data)
     return len(data)
 
 

@@ -237,10 +237,16 @@ class Snapshot:
 
     Never a whole-snapshot ``bytes``: snapshots may be larger than memory should hold.
     Whoever opened ``data`` closes it.
+
+    ``sha256`` is the lowercase hex sha256 of the whole data, when known (None when
+    not). The byte count alone cannot catch a wrong resume stitch or a corrupted
+    file of the right size, so transports carry the digest end to end and the
+    receiver refuses data that does not match it.
     """
 
     meta: SnapshotMeta
     data: BinaryIO
+    sha256: str | None = None
 
 
 class SnapshotResponse(Struct, frozen=True):

@@ -87,6 +87,7 @@ class SnapshotStore:
         self._scanned = False
         self._latest: SnapshotMeta | None = None
         self._latest_name: str | None = None  # file stem "<seq>-<id>"
+        self._latest_sha256: str | None = None  # from the sidecar
         self._next_seq = 0
 
     async def latest(self) -> SnapshotMeta | None:
@@ -96,7 +97,10 @@ class SnapshotStore:
             return self._latest
 
     async def open_latest(self) -> Snapshot | None:
-        """The newest snapshot with a new file object for its data; the caller closes it."""
+        """The newest snapshot with a new file object for its data; the caller closes it.
+
+        Its ``sha256`` is the sidecar's, so a receiver can refuse data that rotted since.
+        """
         async with self._lock:
             await self._ensure_scanned()
             if self._latest is None or self._latest_name is None:
@@ -106,7 +110,7 @@ class SnapshotStore:
                 data = await asyncio.to_thread(open, path, "rb")
             except OSError as exc:
                 raise StorageError(f"cannot open snapshot {path}: {exc}") from exc
-            return Snapshot(self._latest, data)
+            return Snapshot(self._latest, data, sha256=self._latest_sha256)
 
     async def save(self, meta: SnapshotMeta, write: Callable[[BinaryIO], None]) -> None:
         """Write a snapshot with ``write(file)`` (in a worker thread), then make it the latest."""
@@ -134,7 +138,7 @@ class SnapshotStore:
             self._next_seq = seq + 1  # never reused, even if this save fails
         stem = f"{seq:020d}-{stem_id}"
         try:
-            await asyncio.to_thread(self._write_files, meta, seq, stem, fill)
+            sha256 = await asyncio.to_thread(self._write_files, meta, seq, stem, fill)
         except OSError as exc:
             raise StorageError(f"cannot save snapshot {meta.snapshot_id!r}: {exc}") from exc
         async with self._lock:
@@ -147,14 +151,15 @@ class SnapshotStore:
                 if int(current_name[:20]) > seq:
                     # a save that started later finished first, but covers less
                     await asyncio.to_thread(self._remove, current_name)
-            self._latest, self._latest_name = meta, stem
+            self._latest, self._latest_name, self._latest_sha256 = meta, stem, sha256
             await asyncio.to_thread(self._remove_older_than, seq)
 
     # --- worker-thread side -----------------------------------------------------------
 
     def _write_files(
         self, meta: SnapshotMeta, seq: int, stem: str, fill: Callable[[BinaryIO], tuple[int, str]]
-    ) -> None:
+    ) -> str:
+        """Write data and sidecar; returns the data's sha256."""
         self.directory.mkdir(parents=True, exist_ok=True)
         data_tmp = self.directory / f"{_TEMP_PREFIX}{stem}{_DATA_SUFFIX}"
         meta_tmp = self.directory / f"{_TEMP_PREFIX}{stem}{_META_SUFFIX}"
@@ -179,6 +184,7 @@ class SnapshotStore:
             with contextlib.suppress(OSError):
                 (self.directory / (stem + _DATA_SUFFIX)).unlink()
             raise
+        return sha256
 
     def _remove(self, stem: str) -> None:
         for suffix in (_DATA_SUFFIX, _META_SUFFIX):
@@ -206,13 +212,13 @@ class SnapshotStore:
                 found = await asyncio.to_thread(self._scan)
             except OSError as exc:
                 raise StorageError(f"cannot read snapshots in {self.directory}: {exc}") from exc
-            self._latest, self._latest_name, self._next_seq = found
+            self._latest, self._latest_name, self._latest_sha256, self._next_seq = found
             self._scanned = True
 
-    def _scan(self) -> tuple[SnapshotMeta | None, str | None, int]:
+    def _scan(self) -> tuple[SnapshotMeta | None, str | None, str | None, int]:
         """Find the newest valid snapshot; set aside corrupt ones; drop leftover temp files."""
         if not self.directory.exists():
-            return None, None, 0
+            return None, None, None, 0
         sidecars: list[tuple[int, str]] = []
         max_seq = -1
         for name in os.listdir(self.directory):
@@ -228,7 +234,7 @@ class SnapshotStore:
             max_seq = max(max_seq, seq)
             if m.group(3) == "meta":
                 sidecars.append((seq, name[: -len(_META_SUFFIX)]))
-        best: tuple[tuple[int, int], int, str, SnapshotMeta] | None = None
+        best: tuple[tuple[int, int], int, str, _Sidecar] | None = None
         for seq, stem in sidecars:
             problem, sidecar = self._verify(seq, stem)
             if sidecar is None:
@@ -242,10 +248,10 @@ class SnapshotStore:
                 continue
             key = log_id_key(sidecar.meta.last_log_id)
             if best is None or (key, seq) > (best[0], best[1]):
-                best = (key, seq, stem, sidecar.meta)
+                best = (key, seq, stem, sidecar)
         if best is None:
-            return None, None, max_seq + 1
-        return best[3], best[2], max_seq + 1
+            return None, None, None, max_seq + 1
+        return best[3].meta, best[2], best[3].sha256, max_seq + 1
 
     def _verify(self, seq: int, stem: str) -> tuple[str, _Sidecar | None]:
         try:
