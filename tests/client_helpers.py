@@ -1,4 +1,4 @@
-"""A small hand-written Raft HTTP server for client tests, plus builders for wire values.
+"""A small hand-written Raft HTTP server for client tests, plus builders for requests.
 
 It follows docs/protocol.md closely enough for the client, and can misbehave on
 demand (drop the connection mid-upload, stall, answer garbage) in ways the real
@@ -31,14 +31,9 @@ from raft_http.types import (
     ErrorBody,
     ErrorDetail,
     InstallSnapshotResponse,
-    LeaderId,
-    LogId,
-    Membership,
-    Node,
     Snapshot,
     SnapshotMeta,
     SnapshotResponse,
-    StoredMembership,
     Success,
     Vote,
     VoteRequest,
@@ -46,13 +41,11 @@ from raft_http.types import (
     encode_json,
 )
 
-
-def vote(term: int, node_id: int = 1, committed: bool = True) -> Vote:
-    return Vote(LeaderId(term, node_id), committed)
-
-
-def log_id(term: int, index: int) -> LogId:
-    return LogId(LeaderId(term, 1), index)
+# tests/ may or may not be a package (tests/__init__.py): import the helpers either way.
+try:
+    from .wire_helpers import log_id, vote
+except ImportError:
+    from wire_helpers import log_id, vote  # type: ignore[no-redef]
 
 
 def append_request(n_entries: int = 0, term: int = 1) -> AppendEntriesRequest:
@@ -61,12 +54,7 @@ def append_request(n_entries: int = 0, term: int = 1) -> AppendEntriesRequest:
 
 
 def vote_request(term: int = 2) -> VoteRequest:
-    return VoteRequest(Vote(LeaderId(term, 1)), log_id(1, 3))
-
-
-def snapshot_meta(snapshot_id: str = "snap-1") -> SnapshotMeta:
-    membership = Membership([[1, 2, 3]], {i: Node(f"127.0.0.1:{9000 + i}") for i in (1, 2, 3)})
-    return SnapshotMeta(log_id(1, 10), StoredMembership(log_id(1, 1), membership), snapshot_id)
+    return VoteRequest(vote(term, committed=False), log_id(1, 3))
 
 
 def free_port() -> int:

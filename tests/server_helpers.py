@@ -4,68 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from raft_http.types import (
-    SNAPSHOT_META,
-    VOTE,
     AppendEntriesRequest,
     AppendEntriesResponse,
     HigherVote,
-    LeaderId,
-    LogId,
-    Membership,
-    Node,
     Snapshot,
     SnapshotMeta,
     SnapshotResponse,
-    StoredMembership,
     Success,
     Vote,
     VoteRequest,
     VoteResponse,
 )
 
-
-def vote(term: int, node: int = 1, committed: bool = True) -> Vote:
-    return Vote(LeaderId(term, node), committed)
-
-
-def log_id(term: int, index: int, node: int = 1) -> LogId:
-    return LogId(LeaderId(term, node), index)
-
-
-def snapshot_meta(snapshot_id: str = "snap-1", index: int = 10) -> SnapshotMeta:
-    membership = Membership(
-        configs=[[1, 2, 3]], nodes={i: Node(f"127.0.0.1:{9000 + i}") for i in (1, 2, 3)}
-    )
-    return SnapshotMeta(
-        last_log_id=log_id(1, index),
-        last_membership=StoredMembership(log_id(1, 1), membership),
-        snapshot_id=snapshot_id,
-    )
-
-
-def ascii_json(encoded: bytes) -> str:
-    """JSON for a header: non-ASCII escaped as \\uXXXX, as the protocol asks."""
-    return json.dumps(json.loads(encoded), separators=(",", ":"))
-
-
-def snapshot_headers(
-    v: Vote, meta: SnapshotMeta, size: int, offset: int = 0, **extra: str
-) -> dict[str, str]:
-    headers = {
-        "Content-Type": "application/octet-stream",
-        "Raft-Vote": ascii_json(VOTE.encode(v)),
-        "Raft-Snapshot-Meta": ascii_json(SNAPSHOT_META.encode(meta)),
-        "Raft-Snapshot-Size": str(size),
-        "Raft-Snapshot-Offset": str(offset),
-    }
-    headers.update(extra)
-    return headers
+# tests/ may or may not be a package (tests/__init__.py): import the helpers either way.
+try:
+    from .wire_helpers import vote
+except ImportError:
+    from wire_helpers import vote  # type: ignore[no-redef]
 
 
 DATA_BLOCK = 64 * 1024

@@ -25,8 +25,6 @@ from client_helpers import (
     error_response,
     free_port,
     json_response,
-    snapshot_meta,
-    vote,
     vote_request,
 )
 from raft_http.client import HttpNetwork, HttpNetworkFactory, parse_node_address
@@ -55,6 +53,7 @@ from raft_http.types import (
     SnapshotResponse,
     Success,
 )
+from wire_helpers import snapshot_meta, vote
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 OPT = RPCOption(hard_ttl=5.0)

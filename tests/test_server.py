@@ -39,20 +39,19 @@ try:
     from .server_helpers import (
         RecordingHandler,
         body_stream,
-        log_id,
         sha256_of_stream_sync,
         snapshot_bytes,
-        snapshot_headers,
-        snapshot_meta,
-        vote,
     )
+    from .wire_helpers import log_id, snapshot_headers, snapshot_meta, vote
 except ImportError:
     from server_helpers import (  # type: ignore[no-redef]
         RecordingHandler,
         body_stream,
-        log_id,
         sha256_of_stream_sync,
         snapshot_bytes,
+    )
+    from wire_helpers import (  # type: ignore[no-redef]
+        log_id,
         snapshot_headers,
         snapshot_meta,
         vote,
@@ -353,7 +352,7 @@ async def test_stale_snapshot_is_answered_without_reading_the_body(
             yield piece
 
     # vote(1) < vote(2); an incomparable vote (same term, other candidate) is refused too
-    for stale in (vote(1), vote(2, node=3, committed=False)):
+    for stale in (vote(1), vote(2, node_id=3, committed=False)):
         generated = 0
         headers = snapshot_headers(stale, snapshot_meta(), total)
         async with client.post("/snapshot", data=endless(), headers=headers) as resp:
