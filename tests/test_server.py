@@ -514,6 +514,75 @@ async def serve_mounted(
         await runner.cleanup()
 
 
+async def hang_after(pieces: AsyncIterator[bytes], sent: asyncio.Event) -> AsyncIterator[bytes]:
+    """Yield ``pieces``, set ``sent``, then never finish (a sender that stalls mid-body)."""
+    async for piece in pieces:
+        yield piece
+    sent.set()
+    await asyncio.sleep(3600)
+
+
+async def once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def start_stalled_upload(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: AsyncIterator[bytes]
+) -> asyncio.Task[aiohttp.ClientResponse]:
+    """POST ``body`` and return once all of it is sent; the upload then stalls, unfinished."""
+    sent = asyncio.Event()
+    upload = asyncio.create_task(session.post(url, data=hang_after(body, sent), headers=headers))
+    await asyncio.wait_for(sent.wait(), 30)
+    return upload
+
+
+async def drop_upload(upload: asyncio.Task[aiohttp.ClientResponse], done: RequestsDone) -> None:
+    """Cancel a stalled upload (drops the connection mid-body); wait until the server noticed."""
+    upload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await upload
+    await asyncio.wait_for(done.finished.get(), 30)
+
+
+async def poll(check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until ``check()`` holds, at most 500 tries 10 ms apart; the caller asserts after."""
+    for _ in range(500):
+        if await check():
+            break
+        await asyncio.sleep(0.01)
+
+
+async def held_at(session: aiohttp.ClientSession, url: str, snapshot_id: str) -> int:
+    """The Raft-Snapshot-Offset a HEAD /snapshot answers for ``snapshot_id``."""
+    async with session.head(url, headers={"Raft-Snapshot-Id": snapshot_id}) as resp:
+        assert resp.status == 200
+        return int(resp.headers["Raft-Snapshot-Offset"])
+
+
+async def drop_mid_upload(
+    session: aiohttp.ClientSession,
+    url: str,
+    done: RequestsDone,
+    headers: dict[str, str],
+    total: int,
+    stop: int,
+) -> int:
+    """Upload bytes [0, stop) of the test snapshot, drop the connection; returns bytes held."""
+    sid = json.loads(headers["Raft-Snapshot-Meta"])["snapshot_id"]
+
+    async def server_wrote_some() -> bool:
+        return await held_at(session, url, sid) > 0
+
+    while not done.finished.empty():  # forget the requests that finished before
+        done.finished.get_nowait()
+    upload = await start_stalled_upload(session, url, headers, body_stream(total, stop=stop))
+    await poll(server_wrote_some)  # wait until the server has written something
+    await drop_upload(upload, done)
+    resume_at = await held_at(session, url, sid)
+    assert 0 < resume_at <= stop
+    return resume_at
+
+
 @pytest.mark.parametrize("handler_cancellation", [True, False])
 async def test_resume_after_a_dropped_connection(
     handler: RecordingHandler, tmp_path: Path, handler_cancellation: bool
@@ -523,35 +592,9 @@ async def test_resume_after_a_dropped_connection(
         url = f"{base}/snapshot"
         total = 4_000_000
         meta = snapshot_meta("resumable")
-        sent_enough = asyncio.Event()
-
-        async def then_hang() -> AsyncIterator[bytes]:
-            async for piece in body_stream(total, stop=2_500_000):
-                yield piece
-            sent_enough.set()
-            await asyncio.sleep(3600)
-
-        async def offset(session: aiohttp.ClientSession) -> int:
-            async with session.head(url, headers={"Raft-Snapshot-Id": "resumable"}) as resp:
-                assert resp.status == 200
-                return int(resp.headers["Raft-Snapshot-Offset"])
-
         async with aiohttp.ClientSession() as session:
-            upload = asyncio.create_task(
-                session.post(url, data=then_hang(), headers=snapshot_headers(vote(2), meta, total))
-            )
-            await asyncio.wait_for(sent_enough.wait(), 30)
-            for _ in range(500):  # wait until the server has written something
-                if await offset(session) > 0:
-                    break
-                await asyncio.sleep(0.01)
-            upload.cancel()  # drops the connection mid-body
-            with pytest.raises(asyncio.CancelledError):
-                await upload
-            await asyncio.wait_for(done.finished.get(), 30)  # the server noticed the drop
-
-            resume_at = await offset(session)
-            assert 0 < resume_at <= 2_500_000
+            headers = snapshot_headers(vote(2), meta, total)
+            resume_at = await drop_mid_upload(session, url, done, headers, total, 2_500_000)
             assert len(spool_files(tmp_path)) == 1
             assert handler.installed == []
 
@@ -573,33 +616,16 @@ async def test_fresh_upload_supersedes_other_partial_spools(
     app = raft_app(handler, spool_dir=tmp_path)
     async with serve_mounted(app) as (base, done):
         url = f"{base}/snapshot"
-        sent = asyncio.Event()
-
-        async def then_hang() -> AsyncIterator[bytes]:
-            yield b"x" * 300_000
-            sent.set()
-            await asyncio.sleep(3600)
-
         async with aiohttp.ClientSession() as session:
-            upload = asyncio.create_task(
-                session.post(
-                    url,
-                    data=then_hang(),
-                    headers=snapshot_headers(vote(2), snapshot_meta("old"), 10**6),
-                )
-            )
-            await asyncio.wait_for(sent.wait(), 30)
+            headers = snapshot_headers(vote(2), snapshot_meta("old"), 10**6)
+            upload = await start_stalled_upload(session, url, headers, once(b"x" * 300_000))
             await asyncio.sleep(0.05)
-            upload.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await upload
-            await asyncio.wait_for(done.finished.get(), 30)
+            await drop_upload(upload, done)
             assert app[SNAPSHOT_SPOOL].snapshot_ids() == ["old"]
             headers = snapshot_headers(vote(2), snapshot_meta("new"), 5)
             async with session.post(url, data=b"12345", headers=headers) as resp:
                 assert resp.status == 200
-            async with session.head(url, headers={"Raft-Snapshot-Id": "old"}) as resp:
-                assert resp.headers["Raft-Snapshot-Offset"] == "0"
+            assert await held_at(session, url, "old") == 0
         assert spool_files(tmp_path) == []
 
 
@@ -607,35 +633,21 @@ async def test_idle_partial_spool_expires(handler: RecordingHandler, tmp_path: P
     app = raft_app(handler, spool_dir=tmp_path, spool_idle_timeout=0.2, read_chunk_size=1024)
     async with serve_mounted(app) as (base, done):
         url = f"{base}/snapshot"
-        sent = asyncio.Event()
 
-        async def then_hang() -> AsyncIterator[bytes]:
-            yield b"x" * 10_000
-            sent.set()
-            await asyncio.sleep(3600)
+        async def spooled() -> bool:
+            return bool(spool_files(tmp_path))
+
+        async def spool_gone() -> bool:
+            return not spool_files(tmp_path)
 
         async with aiohttp.ClientSession() as session:
-            upload = asyncio.create_task(
-                session.post(
-                    url, data=then_hang(), headers=snapshot_headers(vote(2), snapshot_meta(), 10**6)
-                )
-            )
-            await asyncio.wait_for(sent.wait(), 30)
-            for _ in range(500):
-                if spool_files(tmp_path):
-                    break
-                await asyncio.sleep(0.01)
-            upload.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await upload
-            await asyncio.wait_for(done.finished.get(), 30)
-            for _ in range(500):  # bounded: 5 s for a 0.2 s timeout
-                if not spool_files(tmp_path):
-                    break
-                await asyncio.sleep(0.01)
+            headers = snapshot_headers(vote(2), snapshot_meta(), 10**6)
+            upload = await start_stalled_upload(session, url, headers, once(b"x" * 10_000))
+            await poll(spooled)
+            await drop_upload(upload, done)
+            await poll(spool_gone)  # bounded: 5 s for a 0.2 s timeout
             assert spool_files(tmp_path) == []
-            async with session.head(url, headers={"Raft-Snapshot-Id": "snap-1"}) as resp:
-                assert resp.headers["Raft-Snapshot-Offset"] == "0"
+            assert await held_at(session, url, "snap-1") == 0
 
 
 # --- the deprecated per-chunk protocol -------------------------------------------------
@@ -955,46 +967,6 @@ async def test_garbled_checksum_header_is_400_naming_it(
     assert spool_files(tmp_path / "spool") == []
 
 
-async def drop_mid_upload(
-    session: aiohttp.ClientSession,
-    url: str,
-    done: RequestsDone,
-    headers: dict[str, str],
-    total: int,
-    stop: int,
-) -> int:
-    """Upload bytes [0, stop) of the test snapshot, drop the connection; returns bytes held."""
-    sent_enough = asyncio.Event()
-    sid = json.loads(headers["Raft-Snapshot-Meta"])["snapshot_id"]
-
-    async def offset() -> int:
-        async with session.head(url, headers={"Raft-Snapshot-Id": sid}) as resp:
-            assert resp.status == 200
-            return int(resp.headers["Raft-Snapshot-Offset"])
-
-    async def then_hang() -> AsyncIterator[bytes]:
-        async for piece in body_stream(total, stop=stop):
-            yield piece
-        sent_enough.set()
-        await asyncio.sleep(3600)
-
-    while not done.finished.empty():  # forget the requests that finished before
-        done.finished.get_nowait()
-    upload = asyncio.create_task(session.post(url, data=then_hang(), headers=headers))
-    await asyncio.wait_for(sent_enough.wait(), 30)
-    for _ in range(500):  # wait until the server has written something
-        if await offset() > 0:
-            break
-        await asyncio.sleep(0.01)
-    upload.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await upload
-    await asyncio.wait_for(done.finished.get(), 30)
-    resume_at = await offset()
-    assert 0 < resume_at <= stop
-    return resume_at
-
-
 async def test_resumed_upload_verifies_the_whole_file(
     handler: RecordingHandler, tmp_path: Path
 ) -> None:
@@ -1048,8 +1020,7 @@ async def test_resume_with_another_checksum_is_refused_and_spool_deleted(
                 err = await error_of(resp, 400, "checksum_mismatch")
             assert "started with" in err["message"]
             assert spool_files(tmp_path) == []
-            async with session.head(url, headers={"Raft-Snapshot-Id": "resumable"}) as resp:
-                assert resp.headers["Raft-Snapshot-Offset"] == "0"
+            assert await held_at(session, url, "resumable") == 0
     assert handler.calls == []
 
 
