@@ -114,6 +114,13 @@ async def held(client: Client, snapshot_id: str = "snap-1") -> int:
         return int(resp.headers["Raft-Snapshot-Offset"])
 
 
+async def assert_nothing_kept(client: Client, handler: RecordingHandler, tmp_path: Path) -> None:
+    """A refused upload reached no handler, and left no bytes held and no spool file."""
+    assert handler.calls == []
+    assert await held(client) == 0
+    assert spool_files(tmp_path / "spool") == []
+
+
 # --- /vote and /append ---------------------------------------------------------------
 
 
@@ -430,9 +437,7 @@ async def test_truncated_body_is_size_mismatch_and_spool_deleted(
     resp = await client.post("/snapshot", data=body_stream(total, stop=700_000), headers=headers)
     err = await error_of(resp, 400, "size_mismatch")
     assert "1000000" in err["message"]
-    assert handler.calls == []
-    assert await held(client) == 0
-    assert spool_files(tmp_path / "spool") == []
+    await assert_nothing_kept(client, handler, tmp_path)
 
 
 async def test_overlong_body_is_size_mismatch_and_spool_deleted(
@@ -448,9 +453,7 @@ async def test_overlong_body_is_size_mismatch_and_spool_deleted(
         "/snapshot", data=b"x" * 10, headers=snapshot_headers(vote(2), snapshot_meta(), 9)
     )
     await error_of(resp, 400, "size_mismatch")
-    assert handler.calls == []
-    assert await held(client) == 0
-    assert spool_files(tmp_path / "spool") == []
+    await assert_nothing_kept(client, handler, tmp_path)
 
 
 async def test_offset_mismatch_is_409_with_expected_offset(
@@ -946,9 +949,7 @@ async def test_snapshot_with_a_wrong_checksum_is_refused_and_spool_deleted(
     err = await error_of(resp, 400, "checksum_mismatch")
     assert wrong in err["message"]
     assert right in err["message"]
-    assert handler.calls == []
-    assert await held(client) == 0
-    assert spool_files(tmp_path / "spool") == []
+    await assert_nothing_kept(client, handler, tmp_path)
 
 
 @pytest.mark.parametrize(
