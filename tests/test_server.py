@@ -31,6 +31,7 @@ from raft_http.types import (
     AppendEntriesRequest,
     Entry,
     Normal,
+    SnapshotMeta,
     VoteRequest,
 )
 
@@ -566,12 +567,17 @@ async def drop_mid_upload(
     session: aiohttp.ClientSession,
     url: str,
     done: RequestsDone,
-    headers: dict[str, str],
+    meta: SnapshotMeta,
     total: int,
     stop: int,
+    **extra: str,
 ) -> int:
-    """Upload bytes [0, stop) of the test snapshot, drop the connection; returns bytes held."""
-    sid = json.loads(headers["Raft-Snapshot-Meta"])["snapshot_id"]
+    """Upload bytes [0, stop) of the test snapshot, drop the connection; returns bytes held.
+
+    ``extra``: more headers for the upload (a Raft-Snapshot-Sha256).
+    """
+    sid = meta.snapshot_id
+    headers = snapshot_headers(vote(2), meta, total, **extra)
 
     async def server_wrote_some() -> bool:
         return await held_at(session, url, sid) > 0
@@ -586,6 +592,16 @@ async def drop_mid_upload(
     return resume_at
 
 
+@contextlib.asynccontextmanager
+async def mounted_session(
+    handler: RecordingHandler, tmp_path: Path
+) -> AsyncIterator[tuple[aiohttp.ClientSession, str, RequestsDone]]:
+    """A mounted raft_app spooling to ``tmp_path``, a session, and its /snapshot URL."""
+    app = raft_app(handler, spool_dir=tmp_path, read_chunk_size=64 * 1024)
+    async with serve_mounted(app) as (base, done), aiohttp.ClientSession() as session:
+        yield session, f"{base}/snapshot", done
+
+
 @pytest.mark.parametrize("handler_cancellation", [True, False])
 async def test_resume_after_a_dropped_connection(
     handler: RecordingHandler, tmp_path: Path, handler_cancellation: bool
@@ -596,8 +612,7 @@ async def test_resume_after_a_dropped_connection(
         total = 4_000_000
         meta = snapshot_meta("resumable")
         async with aiohttp.ClientSession() as session:
-            headers = snapshot_headers(vote(2), meta, total)
-            resume_at = await drop_mid_upload(session, url, done, headers, total, 2_500_000)
+            resume_at = await drop_mid_upload(session, url, done, meta, total, 2_500_000)
             assert len(spool_files(tmp_path)) == 1
             assert handler.installed == []
 
@@ -972,16 +987,13 @@ async def test_resumed_upload_verifies_the_whole_file(
     handler: RecordingHandler, tmp_path: Path
 ) -> None:
     """A resume whose tail does not belong to the head is caught; a right one installs."""
-    app = raft_app(handler, spool_dir=tmp_path, read_chunk_size=64 * 1024)
     total = 2_000_000
     right = sha256_of_stream_sync(total)
     meta = snapshot_meta("resumable")
     extra = {"Raft-Snapshot-Sha256": right}
-    async with serve_mounted(app) as (base, done), aiohttp.ClientSession() as session:
-        url = f"{base}/snapshot"
+    async with mounted_session(handler, tmp_path) as (session, url, done):
         # 1. dropped, then resumed with a tail of other bytes: right size, wrong data
-        headers = snapshot_headers(vote(2), meta, total, **extra)
-        at = await drop_mid_upload(session, url, done, headers, total, 1_200_000)
+        at = await drop_mid_upload(session, url, done, meta, total, 1_200_000, **extra)
         headers = snapshot_headers(vote(2), meta, total, offset=at, **extra)
         async with session.post(url, data=b"\0" * (total - at), headers=headers) as resp:
             err = await error_of(resp, 400, "checksum_mismatch")
@@ -990,8 +1002,7 @@ async def test_resumed_upload_verifies_the_whole_file(
         assert spool_files(tmp_path) == []
 
         # 2. dropped, then resumed with the right tail: verified and installed
-        headers = snapshot_headers(vote(2), meta, total, **extra)
-        at = await drop_mid_upload(session, url, done, headers, total, 1_200_000)
+        at = await drop_mid_upload(session, url, done, meta, total, 1_200_000, **extra)
         headers = snapshot_headers(vote(2), meta, total, offset=at, **extra)
         async with session.post(url, data=body_stream(total, start=at), headers=headers) as resp:
             assert resp.status == 200, await resp.text()
@@ -1003,16 +1014,13 @@ async def test_resumed_upload_verifies_the_whole_file(
 async def test_resume_with_another_checksum_is_refused_and_spool_deleted(
     handler: RecordingHandler, tmp_path: Path
 ) -> None:
-    app = raft_app(handler, spool_dir=tmp_path, read_chunk_size=64 * 1024)
     total = 1_000_000
     right = sha256_of_stream_sync(total)
     meta = snapshot_meta("resumable")
-    async with serve_mounted(app) as (base, done), aiohttp.ClientSession() as session:
-        url = f"{base}/snapshot"
+    async with mounted_session(handler, tmp_path) as (session, url, done):
         for started, resumed in [(right, wrong_digest(right)), (right, None), (None, right)]:
             first = {"Raft-Snapshot-Sha256": started} if started else {}
-            headers = snapshot_headers(vote(2), meta, total, **first)
-            at = await drop_mid_upload(session, url, done, headers, total, 600_000)
+            at = await drop_mid_upload(session, url, done, meta, total, 600_000, **first)
             second = {"Raft-Snapshot-Sha256": resumed} if resumed else {}
             headers = snapshot_headers(vote(2), meta, total, offset=at, **second)
             async with session.post(
@@ -1028,14 +1036,11 @@ async def test_resume_with_another_checksum_is_refused_and_spool_deleted(
 async def test_per_chunk_fragment_cannot_continue_a_checksummed_upload(
     handler: RecordingHandler, tmp_path: Path
 ) -> None:
-    app = raft_app(handler, spool_dir=tmp_path, read_chunk_size=64 * 1024)
     total = 1_000_000
     meta = snapshot_meta("resumable")
     extra = {"Raft-Snapshot-Sha256": sha256_of_stream_sync(total)}
-    async with serve_mounted(app) as (base, done), aiohttp.ClientSession() as session:
-        url = f"{base}/snapshot"
-        headers = snapshot_headers(vote(2), meta, total, **extra)
-        at = await drop_mid_upload(session, url, done, headers, total, 600_000)
+    async with mounted_session(handler, tmp_path) as (session, url, done):
+        at = await drop_mid_upload(session, url, done, meta, total, 600_000, **extra)
         body = chunk_body("resumable", at, b"x", done=True)
         async with session.post(url, json=body) as resp:
             err = await error_of(resp, 409, "snapshot_mismatch")
