@@ -32,8 +32,6 @@ from raft_http.types import (
     AppendEntriesResponse,
     Entry,
     HigherVote,
-    LeaderId,
-    LogId,
     Membership,
     Node,
     Normal,
@@ -47,9 +45,15 @@ from raft_http.types import (
     VoteResponse,
 )
 
+# tests/ may or may not be a package (tests/__init__.py): import the helpers either way.
+try:
+    from .wire_helpers import log_id, vote
+except ImportError:
+    from wire_helpers import log_id, vote  # type: ignore[no-redef]
+
 OPT = RPCOption(hard_ttl=5.0)
 SHORT = RPCOption(hard_ttl=0.05)
-VOTE = Vote(LeaderId(3, 1), committed=True)
+VOTE = vote(3)
 
 
 class FakeHandler:
@@ -96,9 +100,7 @@ class FakeHandler:
 
 
 def append_request(n: int) -> AppendEntriesRequest:
-    entries = [
-        Entry(LogId(LeaderId(3, 1), i), Normal(msgspec.Raw(b'{"k":[%d]}' % i))) for i in range(n)
-    ]
+    entries = [Entry(log_id(3, i), Normal(msgspec.Raw(b'{"k":[%d]}' % i))) for i in range(n)]
     return AppendEntriesRequest(VOTE, None, entries, None)
 
 
@@ -133,9 +135,9 @@ async def can_append(router: MemoryRouter, source: int, target: int) -> bool:
 
 async def test_append_is_delivered_as_a_copy(router: MemoryRouter) -> None:
     rpc = append_request(3)
-    handler(router, 2).answer = HigherVote(Vote(LeaderId(9, 2)))
+    handler(router, 2).answer = HigherVote(vote(9, 2, committed=False))
     reply = await net(router, 1, 2).append_entries(rpc, OPT)
-    assert reply == HigherVote(Vote(LeaderId(9, 2)))
+    assert reply == HigherVote(vote(9, 2, committed=False))
     (received,) = handler(router, 2).appends
     assert received == rpc
     assert received is not rpc
@@ -145,7 +147,7 @@ async def test_append_is_delivered_as_a_copy(router: MemoryRouter) -> None:
 
 
 async def test_vote_is_delivered(router: MemoryRouter) -> None:
-    rpc = VoteRequest(Vote(LeaderId(4, 1)), LogId(LeaderId(3, 1), 7))
+    rpc = VoteRequest(vote(4, committed=False), log_id(3, 7))
     reply = await net(router, 1, 3).vote(rpc, OPT)
     assert reply == VoteResponse(rpc.vote, True, None)
     assert handler(router, 3).votes == [rpc]
@@ -153,7 +155,7 @@ async def test_vote_is_delivered(router: MemoryRouter) -> None:
 
 
 async def test_unserializable_message_fails_like_the_wire(router: MemoryRouter) -> None:
-    bad = AppendEntriesRequest(VOTE, None, [], LogId(LeaderId(-1, 1), 0))  # negative term
+    bad = AppendEntriesRequest(VOTE, None, [], log_id(-1, 0))  # negative term
     with pytest.raises(msgspec.ValidationError):
         await net(router, 1, 2).append_entries(bad, OPT)
     assert handler(router, 2).appends == []
@@ -296,9 +298,7 @@ async def test_install_snapshot_is_deprecated(router: MemoryRouter) -> None:
 
 def snapshot_meta() -> SnapshotMeta:
     membership = Membership(configs=[[1, 2, 3]], nodes={n: Node(f"n{n}:1") for n in (1, 2, 3)})
-    return SnapshotMeta(
-        LogId(LeaderId(3, 1), 40), StoredMembership(LogId(LeaderId(1, 1), 0), membership), "3-40-1"
-    )
+    return SnapshotMeta(log_id(3, 40), StoredMembership(log_id(1, 0), membership), "3-40-1")
 
 
 def snapshot(data: bytes) -> Snapshot:
