@@ -475,3 +475,35 @@ async def test_replication_trouble_is_logged_once_per_kind(
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "Unreachable" in warnings[0].getMessage()
     assert any("recovered" in r.getMessage() for r in caplog.records)
+
+
+async def test_leader_rebuilds_a_rotten_snapshot_and_the_follower_still_catches_up(
+    tmp_path: Path,
+) -> None:
+    config = Config(
+        heartbeat_interval=0.02,
+        election_timeout_min=0.08,
+        election_timeout_max=0.16,
+        snapshot_logs_since_last=20,
+        max_in_snapshot_log_to_keep=0,
+    )
+    c = Cluster(tmp_path, config)
+    try:
+        leader = await c.initialized([1, 2, 3])
+        lagging = next(i for i in c.nodes if i != leader.id)
+        c.router.isolate(lagging)
+        for i in range(30):
+            await leader.client_write(cmd(i))
+        await leader.wait_for(lambda m: m.purged is not None and m.purged == m.snapshot, 5)
+        (data_file,) = (tmp_path / f"snapshots-{leader.id}").glob("*.snap")
+        with open(data_file, "r+b") as f:  # bit rot: one byte flipped, same size
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0x01]))
+        c.router.isolate(lagging, on=False)
+        last = leader.metrics().last_applied
+        await c.nodes[lagging].wait_for(lambda m: m.last_applied == last, 10, "catch up")
+        assert c.machines[lagging].applied == c.machines[leader.id].applied
+        assert c.router.sent[(leader.id, lagging, "snapshot")] >= 2  # refused, then rebuilt
+    finally:
+        await c.close()

@@ -334,3 +334,12 @@ async def test_sha256_follows_the_fallback_after_corruption(tmp_path: Path) -> N
     data.write_bytes(data.read_bytes()[:-1])
     store = SnapshotStore(tmp_path)
     assert await latest_sha256(store) == hashlib.sha256(payload(1)).hexdigest()
+
+
+async def test_a_rebuild_of_the_same_log_replaces_the_latest(tmp_path: Path) -> None:
+    """A snapshot of the same last log id saved later wins (the rebuild of a rotten file)."""
+    store = SnapshotStore(tmp_path / "snaps")
+    await store.save(meta(50, "first"), writer(payload(50)))
+    await store.save(meta(50, "rebuilt"), writer(payload(51)))
+    assert await read_latest(store) == (meta(50, "rebuilt"), payload(51))
+    assert await SnapshotStore(tmp_path / "snaps").latest() == meta(50, "rebuilt")

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from raft_http.errors import (
+    APIError,
     Closed,
     Fatal,
     NetworkError,
@@ -410,8 +411,10 @@ async def test_full_snapshot_with_a_wrong_checksum_is_refused(router: MemoryRout
     router.register(2, target)
     data = bytes(i % 251 for i in range(100_000))
     wrong = hashlib.sha256(data + b"x").hexdigest()
-    with pytest.raises(NetworkError, match="checksum mismatch") as info:
+    with pytest.raises(RemoteError, match="checksum mismatch") as info:
         await net(router, 1, 2).full_snapshot(VOTE, summed(data, wrong), never(), OPT)
+    assert isinstance(info.value.source, APIError)
+    assert info.value.source.kind == "checksum_mismatch"  # as the HTTP client reports it
     assert wrong in str(info.value)
     assert hashlib.sha256(data).hexdigest() in str(info.value)
     assert not target.install_started.is_set()
@@ -451,6 +454,6 @@ async def test_corrupted_snapshot_file_is_refused(router: MemoryRouter, tmp_path
         f.write(bytes([byte[0] ^ 0x40]))
     rotten = await store.open_latest()
     assert rotten is not None
-    with rotten.data, pytest.raises(NetworkError, match="checksum mismatch"):
+    with rotten.data, pytest.raises(RemoteError, match="checksum mismatch"):
         await net(router, 1, 2).full_snapshot(VOTE, rotten, never(), OPT)
     assert len(handler(router, 2).snapshots) == 1

@@ -29,8 +29,8 @@ from typing import Any, BinaryIO, Final, Literal, TypeAlias, TypeVar, cast
 import msgspec
 
 from .errors import (
+    APIError,
     Closed,
-    NetworkError,
     PayloadTooLarge,
     RaftError,
     RemoteError,
@@ -346,11 +346,11 @@ class MemoryNetwork(RaftNetwork):
                     offset += n
                 # As the HTTP server does: the handler never sees data that fails its checksum.
                 if expected is not None and digest.hexdigest() != expected:
-                    raise NetworkError(
-                        f"full_snapshot to node {self.target}: snapshot "
-                        f"{snapshot.meta.snapshot_id!r} checksum mismatch: expected {expected}, "
-                        f"the {offset} bytes sent hash to {digest.hexdigest()}",
-                        target=self.target,
+                    # What the HTTP client raises for the server's 400 checksum_mismatch.
+                    raise APIError(
+                        "checksum_mismatch",
+                        f"snapshot {snapshot.meta.snapshot_id!r} checksum mismatch: expected "
+                        f"{expected}, the {offset} bytes sent hash to {digest.hexdigest()}",
                     )
                 await asyncio.to_thread(spool.seek, 0)
                 received = Snapshot(SNAPSHOT_META.decode(meta_body), spool, sha256=expected)

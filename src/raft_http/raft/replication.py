@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..errors import (
+    APIError,
     Closed,
     NetworkError,
     PayloadTooLarge,
@@ -154,6 +155,13 @@ class Replicator:
             sent_at = asyncio.get_running_loop().time()
             log.info("sending snapshot %s to node %s", snapshot.meta.snapshot_id, self.target)
             response = await self.network.full_snapshot(self.vote, snapshot, self.closed, option)
+        except RemoteError as e:
+            if isinstance(e.source, APIError) and e.source.kind == "checksum_mismatch":
+                # Our file no longer matches the digest taken when it was written (bit rot):
+                # build a fresh snapshot of the same state, which replaces it.
+                log.error("snapshot %s is damaged (%s); rebuilding", snapshot.meta.snapshot_id, e)
+                await raft.trigger_snapshot()
+            raise
         finally:
             await asyncio.to_thread(snapshot.data.close)
         if not raft.is_leader_of(self.vote):

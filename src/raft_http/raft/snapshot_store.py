@@ -144,8 +144,11 @@ class SnapshotStore:
         async with self._lock:
             current, current_name = self._latest, self._latest_name
             if current is not None and current_name is not None:
-                if log_id_key(current.last_log_id) >= log_id_key(meta.last_log_id):
-                    # what is already the latest covers at least as much: this one is old
+                current_rank = (log_id_key(current.last_log_id), int(current_name[:20]))
+                if current_rank > (log_id_key(meta.last_log_id), seq):
+                    # the latest covers more log (or as much, and started later): this one is old.
+                    # As much and started earlier: this one replaces it (a rebuild of the same
+                    # state, e.g. after the old file was found rotten).
                     await asyncio.to_thread(self._remove, stem)
                     return
                 if int(current_name[:20]) > seq:
