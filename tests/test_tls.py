@@ -249,8 +249,8 @@ async def test_three_kv_nodes_over_mutual_tls(tls: TlsFiles, tmp_path: Path) -> 
                 if len(leaders) != 1 or None in leaders:
                     return None
                 (leader_id,) = leaders
-                state = nodes[leader_id - 1].raft.metrics().state  # type: ignore[index]
-                return leader_id if state == "Leader" else None
+                leader = next((n for n in nodes if n.node_id == leader_id), None)
+                return leader_id if leader and leader.raft.metrics().state == "Leader" else None
 
             # A busy loop may delay a heartbeat into a new election: retry (bounded)
             # until a follower answers with the leader it knows.
