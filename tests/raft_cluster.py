@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,18 @@ from raft_http.testing import ListStateMachine, MemoryRouter
 from raft_http.types import Node
 
 FAST = Config(heartbeat_interval=0.02, election_timeout_min=0.08, election_timeout_max=0.16)
+
+
+def snapshotting(every: int, keep: int) -> Config:
+    """``FAST``, building a snapshot every ``every`` applied logs and keeping ``keep`` behind it."""
+    return dataclasses.replace(
+        FAST, snapshot_logs_since_last=every, max_in_snapshot_log_to_keep=keep
+    )
+
+
+def cmd(n: int) -> bytes:
+    """A command for ``ListStateMachine``: ``{"n": n}``."""
+    return json.dumps({"n": n}).encode()
 
 
 class Cluster:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from raft_cluster import FAST, Cluster
+from raft_cluster import FAST, Cluster, cmd, snapshotting
 from raft_http.errors import Fatal
 from raft_http.raft import (
     Config,
@@ -25,19 +23,6 @@ from raft_http.raft import (
     WriteAborted,
 )
 from raft_http.types import Vote
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-def cmd(n: int) -> bytes:
-    return json.dumps({"n": n}).encode()
 
 
 async def log_ids(c: Cluster, node_id: int) -> list[tuple[int, int]]:
@@ -202,14 +187,7 @@ async def test_linearizable_read_needs_a_quorum(cluster: Cluster) -> None:
 
 
 async def test_lagging_follower_catches_up_by_snapshot(tmp_path: Path) -> None:
-    config = Config(
-        heartbeat_interval=0.02,
-        election_timeout_min=0.08,
-        election_timeout_max=0.16,
-        snapshot_logs_since_last=20,
-        max_in_snapshot_log_to_keep=5,
-    )
-    c = Cluster(tmp_path, config)
+    c = Cluster(tmp_path, snapshotting(every=20, keep=5))
     try:
         leader = await c.initialized([1, 2, 3])
         lagging = next(i for i in c.nodes if i != leader.id)
@@ -480,14 +458,7 @@ async def test_replication_trouble_is_logged_once_per_kind(
 async def test_leader_rebuilds_a_rotten_snapshot_and_the_follower_still_catches_up(
     tmp_path: Path,
 ) -> None:
-    config = Config(
-        heartbeat_interval=0.02,
-        election_timeout_min=0.08,
-        election_timeout_max=0.16,
-        snapshot_logs_since_last=20,
-        max_in_snapshot_log_to_keep=0,
-    )
-    c = Cluster(tmp_path, config)
+    c = Cluster(tmp_path, snapshotting(every=20, keep=0))
     try:
         leader = await c.initialized([1, 2, 3])
         lagging = next(i for i in c.nodes if i != leader.id)

@@ -11,19 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import msgspec
 import pytest
 
-from raft_cluster import FAST, Cluster
+from raft_cluster import FAST, Cluster, cmd
 from raft_http.errors import Fatal
 from raft_http.raft import (
     Config,
@@ -62,10 +61,6 @@ QUIET = Config(
 )
 
 
-def cmd(n: int) -> bytes:
-    return json.dumps({"n": n}).encode()
-
-
 def lid(term: int, index: int, leader: int = 1) -> LogId:
     return LogId(LeaderId(term, leader), index)
 
@@ -76,15 +71,6 @@ def normal(term: int, index: int, value: Any, leader: int = 1) -> Entry:
 
 def leader_vote(term: int, leader: int) -> Vote:
     return Vote(LeaderId(term, leader), committed=True)
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 class SlowSnapshotMachine(ListStateMachine):
