@@ -59,6 +59,7 @@ from .errors import (
     WriteOutcomeUnknown,
 )
 from .log import RaftLog
+from .membership import MembershipLog
 from .metrics import RaftMetrics, ServerState
 from .quorum import committed_index, is_quorum, quorum_value
 from .replication import Replicator
@@ -68,7 +69,6 @@ from .storage import LogStore, StateMachine, StorageError
 log = logging.getLogger(__name__)
 
 _RAW_JSON: Final = msgspec.json.Decoder(msgspec.Raw)
-_EMPTY_MEMBERSHIP: Final = StoredMembership(None, Membership([], {}))
 _APPLY_BATCH: Final = 1000
 _T = TypeVar("_T")
 
@@ -114,7 +114,7 @@ class Raft:
         self._vote = Vote(LeaderId(0, 0))
         self._last_applied: LogId | None = None
         self._snapshot: SnapshotMeta | None = None
-        self._memberships: list[StoredMembership] = [_EMPTY_MEMBERSHIP]
+        self._memberships = MembershipLog()
         self._state = ServerState.FOLLOWER
         self._leader_id: int | None = None
         self._leader: _LeaderState | None = None
@@ -179,14 +179,15 @@ class Raft:
                 await self.state_machine.install_snapshot(snapshot.data)
             finally:
                 await asyncio.to_thread(snapshot.data.close)
-            self._memberships = [self._snapshot.last_membership]
+            self._memberships = MembershipLog(self._snapshot.last_membership)
             self._last_applied = snap_last
             assert snap_last is not None
             # A crash after a snapshot was saved but before the log was purged to it.
             await self._align_log_with_snapshot(snap_last, purge=False)
-        base = log_index(self._memberships[-1].log_id)
-        for entry in self.log.slice(max(self.log.first_index, base + 1), self.log.last_index + 1):
-            self._track_membership(entry)
+        base = log_index(self.membership.log_id)
+        self._memberships.track(
+            self.log.slice(max(self.log.first_index, base + 1), self.log.last_index + 1)
+        )
         committed = await self.log_store.read_committed()
         if log_index(committed) > self.log.last_index:
             committed = self.log.last_log_id
@@ -255,13 +256,7 @@ class Raft:
     @property
     def membership(self) -> StoredMembership:
         """The effective membership: the last one in the log, committed or not."""
-        return self._memberships[-1]
-
-    def _membership_at(self, index: int) -> StoredMembership:
-        for stored in reversed(self._memberships):
-            if log_index(stored.log_id) <= index:
-                return stored
-        return self._memberships[0]
+        return self._memberships.effective
 
     def current_vote(self) -> Vote:
         return self._vote
@@ -284,14 +279,6 @@ class Raft:
             return
         voter = self.membership.membership.is_voter(self.id)
         self._state = ServerState.FOLLOWER if voter else ServerState.LEARNER
-
-    def _track_membership(self, entry: Entry) -> None:
-        if isinstance(entry.payload, MembershipChange):
-            self._memberships.append(StoredMembership(entry.log_id, entry.payload.membership))
-
-    def _forget_memberships_since(self, index: int) -> None:
-        while len(self._memberships) > 1 and log_index(self._memberships[-1].log_id) >= index:
-            self._memberships.pop()
 
     def _leader_node(self) -> Node | None:
         if self._leader_id is None:
@@ -638,7 +625,7 @@ class Raft:
                 raise StorageError(f"leader sent an entry at {conflict} over {self.committed}")
             await self.log_store.truncate(conflict)
             self.log.truncate(conflict)
-            self._forget_memberships_since(conflict)
+            self._memberships.forget_since(conflict)
             self._fail_waiters(
                 lambda i: i >= conflict, lambda: WriteAborted("another leader overwrote the entry")
             )
@@ -647,8 +634,7 @@ class Raft:
             return
         await self.log_store.append(new)
         self.log.append(new)
-        for entry in new:
-            self._track_membership(entry)
+        self._memberships.track(new)
         self._update_role()
 
     async def _handle_install_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
@@ -687,9 +673,7 @@ class Raft:
             lambda i: i <= last.index,
             lambda: WriteOutcomeUnknown("a snapshot was installed over the entry"),
         )
-        self._memberships = [meta.last_membership] + [
-            m for m in self._memberships if log_index(m.log_id) > last.index
-        ]
+        self._memberships.rebase(meta.last_membership, last.index)
         self.committed = last
         self._last_applied = last
         self._snapshot = meta
@@ -706,7 +690,7 @@ class Raft:
         if not self.log.matches(last):
             await self.log_store.truncate(last.index + 1)
             self.log.truncate(last.index + 1)
-            self._forget_memberships_since(last.index + 1)
+            self._memberships.forget_since(last.index + 1)
             self._fail_waiters(
                 lambda i: i > last.index, lambda: WriteAborted("overwritten by a snapshot")
             )
@@ -763,13 +747,9 @@ class Raft:
                     future.set_exception(Fatal(str(e)))
             raise Fatal(str(e)) from e
         self.log.append(entries)
-        membership_changed = False
         for entry, (_, future) in zip(entries, batch, strict=True):
             self._waiters[entry.log_id.index] = (entry.log_id, future)
-            if isinstance(entry.payload, MembershipChange):
-                self._track_membership(entry)
-                membership_changed = True
-        if membership_changed:
+        if self._memberships.track(entries):
             self._sync_replicators()
         if self._leader is not None:
             for replicator in self._leader.replicators.values():
@@ -808,7 +788,7 @@ class Raft:
             self._commit_event.clear()
             await self._apply_committed()
             committed = self.committed
-            if self._leader is not None and not self._membership_at(
+            if self._leader is not None and not self._memberships.at(
                 log_index(committed)
             ).membership.is_voter(self.id):
                 async with self._lock:
@@ -853,7 +833,7 @@ class Raft:
         assert last is not None
         meta = SnapshotMeta(
             last_log_id=last,
-            last_membership=self._membership_at(last.index),
+            last_membership=self._memberships.at(last.index),
             snapshot_id=f"{last.leader_id.term}-{last.leader_id.node_id}-{last.index}-"
             f"{uuid.uuid4().hex[:8]}",
         )
@@ -877,10 +857,7 @@ class Raft:
                     assert purge_id is not None
                     await self.log_store.purge(purge_id)
                     self.log.purge(purge_id)
-                    keep = self._membership_at(upto)
-                    self._memberships = [keep] + [
-                        m for m in self._memberships if log_index(m.log_id) > upto
-                    ]
+                    self._memberships.compact(upto)
             log.info("node %s built snapshot %s", self.id, meta.snapshot_id)
             self._notify()
         finally:
@@ -930,7 +907,7 @@ class Raft:
             entry = Entry(LogId(LeaderId(0, 0), 0), MembershipChange(membership))
             await self.log_store.append([entry])
             self.log.append([entry])
-            self._track_membership(entry)
+            self._memberships.track([entry])
             self._update_role()
             self._election_deadline = self._loop.time()  # elect now, not after a timeout
             self._notify()
