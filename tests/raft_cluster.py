@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,13 @@ def cmd(n: int) -> bytes:
 class Cluster:
     """Nodes that keep their stores across ``stop``/``restart``, as a process keeps its disk."""
 
-    def __init__(self, tmp_path: Path, config: Config = FAST) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: Config = FAST,
+        machine: Callable[[], ListStateMachine] = ListStateMachine,
+    ) -> None:
+        self.new_machine = machine
         self.tmp_path = tmp_path
         self.config = config
         self.router = MemoryRouter(backoff_seconds=0.02)
@@ -47,7 +53,7 @@ class Cluster:
         if store is not None:
             self.stores[node_id] = store
         store = self.stores.setdefault(node_id, MemoryLogStore())
-        machine = self.machines[node_id] = ListStateMachine()
+        machine = self.machines[node_id] = self.new_machine()
         snapshots = SnapshotStore(self.tmp_path / f"snapshots-{node_id}")
         raft = await Raft.create(
             node_id, self.config, self.router.factory(node_id), store, machine, snapshots

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -476,5 +477,38 @@ async def test_leader_rebuilds_a_rotten_snapshot_and_the_follower_still_catches_
         await c.nodes[lagging].wait_for(lambda m: m.last_applied == last, 10, "catch up")
         assert c.machines[lagging].applied == c.machines[leader.id].applied
         assert c.router.sent[(leader.id, lagging, "snapshot")] >= 2  # refused, then rebuilt
+    finally:
+        await c.close()
+
+
+async def test_shutdown_lets_a_snapshot_being_written_finish(tmp_path: Path) -> None:
+    """When shutdown returns, no snapshot file is half-written: the owner may close storage."""
+    import time
+
+    from raft_http.testing import ListStateMachine
+
+    class SlowWriter(ListStateMachine):
+        def begin_snapshot(self) -> Any:
+            write = super().begin_snapshot()
+
+            def slow(out: Any) -> None:
+                time.sleep(0.3)  # in the worker thread
+                write(out)
+
+            return slow
+
+    c = Cluster(tmp_path, machine=SlowWriter)
+    try:
+        leader = await c.initialized([1])
+        await leader.client_write(cmd(1))
+        await leader.trigger_snapshot()
+        await c.stop(1)  # shutdown while the writer sleeps
+        directory = tmp_path / "snapshots-1"
+        assert not [p for p in directory.iterdir() if p.name.startswith(".tmp")]
+        from raft_http.raft import SnapshotStore
+
+        latest = await SnapshotStore(directory).latest()
+        assert latest is not None
+        assert latest.last_log_id == leader.metrics().last_applied
     finally:
         await c.close()

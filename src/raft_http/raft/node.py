@@ -123,7 +123,7 @@ class Raft:
         self._term_hint = 0
         self._fatal: str | None = None
         self._running = False
-        self._building_snapshot = False
+        self._snapshot_task: asyncio.Task[None] | None = None
 
         self._lock = asyncio.Lock()
         self._sm_lock = asyncio.Lock()
@@ -209,10 +209,15 @@ class Raft:
         self._running = False
         self._stop_leading("shutdown")
         self._state = ServerState.SHUTDOWN
-        tasks = list(self._tasks)
+        # A snapshot being written is let finish: its files are then complete when
+        # shutdown returns, and the storage's owner may close or remove them.
+        building = self._snapshot_task
+        tasks = [t for t in self._tasks if t is not building]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if building is not None:
+            await asyncio.gather(building, return_exceptions=True)
         self._fail_waiters(lambda _: True, lambda: Fatal("node shut down"))
         self._notify()
 
@@ -819,8 +824,11 @@ class Raft:
                         future.set_exception(WriteAborted("another leader overwrote the entry"))
                 self._notify()
             due = log_index(self._last_applied) - log_index(self._snapshot_last())
-            if due >= self.config.snapshot_logs_since_last and not self._building_snapshot:
+            if due >= self.config.snapshot_logs_since_last and not self._building_snapshot():
                 self._begin_snapshot()
+
+    def _building_snapshot(self) -> bool:
+        return self._snapshot_task is not None and not self._snapshot_task.done()
 
     def _snapshot_last(self) -> LogId | None:
         return self._snapshot.last_log_id if self._snapshot else None
@@ -838,8 +846,7 @@ class Raft:
             f"{uuid.uuid4().hex[:8]}",
         )
         writer = self.state_machine.begin_snapshot()
-        self._building_snapshot = True
-        self._spawn(self._finish_snapshot(meta, writer), "snapshot")
+        self._snapshot_task = self._spawn(self._finish_snapshot(meta, writer), "snapshot")
 
     async def _finish_snapshot(
         self, meta: SnapshotMeta, writer: Callable[[BinaryIO], None]
@@ -861,14 +868,13 @@ class Raft:
             log.info("node %s built snapshot %s", self.id, meta.snapshot_id)
             self._notify()
         finally:
-            self._building_snapshot = False
             self._commit_event.set()  # the apply loop checks whether another one is due
 
     async def trigger_snapshot(self) -> None:
         """Build a snapshot of what is applied now (Openraft's ``trigger().snapshot()``)."""
         self._check_running()
         async with self._sm_lock:
-            if self._last_applied is None or self._building_snapshot:
+            if self._last_applied is None or self._building_snapshot():
                 return
             self._begin_snapshot()
 
