@@ -521,11 +521,6 @@ async def test_non_utf8_count_headers_are_400(
     assert handler.calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py:293 _header_json catches only msgspec.DecodeError; msgspec raises "
-    "UnicodeEncodeError for the surrogate-escaped str aiohttp builds from non-UTF-8 bytes",
-)
 @pytest.mark.parametrize("name", ["Raft-Vote", "Raft-Snapshot-Meta"])
 async def test_non_utf8_json_headers_are_400(
     raw_server: TestServer, handler: RecordingHandler, name: str
@@ -536,12 +531,6 @@ async def test_non_utf8_json_headers_are_400(
     assert handler.calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py:244-248 puts the raw Content-Type (with surrogates) in the 415 "
-    "message; ERROR_BODY.encode raises UnicodeEncodeError in _error_response "
-    "(server.py:145), inside the middleware's except clause: aiohttp's plain-text 500",
-)
 async def test_non_utf8_content_type_is_415(
     raw_server: TestServer, handler: RecordingHandler
 ) -> None:

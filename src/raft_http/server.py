@@ -120,6 +120,9 @@ class _Problem(Exception):
         headers: Mapping[str, str] | None = None,
         **extra: Any,
     ) -> None:
+        # A message may quote a header whose bytes were not UTF-8 (aiohttp keeps them as
+        # surrogates, which no JSON encoder takes): escape them, so no answer fails to encode.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.detail = ErrorDetail(kind=kind, message=message, **extra)
@@ -291,6 +294,8 @@ def _header_json(request: web.Request, name: str, codec: JsonCodec[_T]) -> _T:
     value = _header(request, name)
     try:
         return codec.decode(value)
+    except UnicodeEncodeError:
+        _bad_request(f"invalid header {name}: not UTF-8")
     except msgspec.DecodeError as exc:
         _bad_request(f"invalid header {name}: {exc}")
 
