@@ -23,7 +23,19 @@ from raft_http.raft import (
     StorageError,
     WriteAborted,
 )
-from raft_http.types import Vote
+from raft_http.types import (
+    AppendEntriesRequest,
+    AppendEntriesResponse,
+    Blank,
+    Conflict,
+    Entry,
+    LeaderId,
+    LogId,
+    Success,
+    Vote,
+    VoteRequest,
+    VoteResponse,
+)
 
 
 async def log_ids(c: Cluster, node_id: int) -> list[tuple[int, int]]:
@@ -510,5 +522,62 @@ async def test_shutdown_lets_a_snapshot_being_written_finish(tmp_path: Path) -> 
         latest = await SnapshotStore(directory).latest()
         assert latest is not None
         assert latest.last_log_id == leader.metrics().last_applied
+    finally:
+        await c.close()
+
+
+class GrantingPeer:
+    """A peer that grants every vote and never accepts an entry (so nothing commits)."""
+
+    def current_vote(self) -> Vote:
+        return Vote(LeaderId(0, 0))
+
+    async def vote(self, rpc: VoteRequest) -> VoteResponse:
+        return VoteResponse(rpc.vote, True, None)
+
+    async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
+        return Conflict()
+
+    async def install_full_snapshot(self, vote: Vote, snapshot: Any) -> Any:
+        raise AssertionError("not expected")
+
+
+async def test_entry_overwritten_on_its_proposer_can_still_commit_and_succeed(
+    tmp_path: Path,
+) -> None:
+    """Five nodes: leader 1 sends entry E to node 2 only; leader 3 overwrites E on node 1;
+    node 2 then leads and commits E. Node 1's client must get success, not WriteAborted."""
+    c = Cluster(tmp_path)
+    try:
+        node = await c.start(1)
+        for peer in (2, 3, 4, 5):
+            c.router.register(peer, GrantingPeer())
+        await node.initialize({i: c.node(i) for i in range(1, 6)})
+        await node.wait_for(lambda m: m.state is ServerState.LEADER, 5, "leader")
+        term = node.metrics().current_term
+        proposal = asyncio.create_task(node.client_write(cmd(7)))
+        await node.wait_for(lambda m: m.last_log_index == 2, 5, "E appended")
+        initial, blank, mine = (await c.stores[1].read_entries(0, 3))[:3]
+        assert mine.log_id.index == 2
+
+        # Leader 3 (a later term) overwrites index 1.. on node 1 with its own entry.
+        vote3 = Vote(LeaderId(term + 1, 3), committed=True)
+        other = Entry(LogId(LeaderId(term + 1, 3), 1), Blank())
+        answer = await node.append_entries(
+            AppendEntriesRequest(vote3, initial.log_id, [other], initial.log_id)
+        )
+        assert answer == Success()
+        assert not proposal.done(), "the outcome is not decided yet"
+
+        # Leader 2 (later still) held E all along and commits it.
+        vote2 = Vote(LeaderId(term + 2, 2), committed=True)
+        own = Entry(LogId(LeaderId(term + 2, 2), 3), Blank())
+        answer = await node.append_entries(
+            AppendEntriesRequest(vote2, initial.log_id, [blank, mine, own], own.log_id)
+        )
+        assert answer == Success()
+        result = await asyncio.wait_for(proposal, 5)
+        assert result.log_id == mine.log_id
+        assert c.machines[1].applied == [{"n": 7}]
     finally:
         await c.close()

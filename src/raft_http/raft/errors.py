@@ -39,7 +39,11 @@ class QuorumNotEnough(APIError):
 
 
 class WriteAborted(APIError):
-    """The proposed entry was overwritten by another leader's log: it was NOT applied."""
+    """Another leader's entry was committed at the proposed entry's index: it was NOT applied.
+
+    Raised only once that index is committed: an entry merely overwritten on the node that
+    proposed it may still be held, and later committed, by another node.
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__("write_aborted", message)

@@ -631,9 +631,8 @@ class Raft:
             await self.log_store.truncate(conflict)
             self.log.truncate(conflict)
             self._memberships.forget_since(conflict)
-            self._fail_waiters(
-                lambda i: i >= conflict, lambda: WriteAborted("another leader overwrote the entry")
-            )
+            # Waiters for the removed entries stay: another node may still hold such an entry
+            # and commit it as a later leader. Their fate is known when the index is applied.
         new = entries[start:]
         if not new:
             return
@@ -696,9 +695,6 @@ class Raft:
             await self.log_store.truncate(last.index + 1)
             self.log.truncate(last.index + 1)
             self._memberships.forget_since(last.index + 1)
-            self._fail_waiters(
-                lambda i: i > last.index, lambda: WriteAborted("overwritten by a snapshot")
-            )
             purge = True
         if purge:
             await self.log_store.purge(last)
@@ -820,7 +816,7 @@ class Raft:
                         continue
                     if expected == entry.log_id:
                         future.set_result(ClientWriteResponse(entry.log_id, response))
-                    else:
+                    else:  # decided: the index is committed with another leader's entry
                         future.set_exception(WriteAborted("another leader overwrote the entry"))
                 self._notify()
             due = log_index(self._last_applied) - log_index(self._snapshot_last())

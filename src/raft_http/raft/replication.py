@@ -127,6 +127,11 @@ class Replicator:
                 self._matched(entries[-1].log_id if entries else prev_log_id, sent_at)
             case PartialSuccess(matching=matching):
                 self._matched(matching, sent_at)
+            case Conflict() if prev_log_id is None:
+                # Every log holds the empty prefix: a peer saying otherwise is broken. Do
+                # not spin on it; the heartbeat pace keeps asking.
+                self._trouble("Conflict: the peer refuses even an empty prefix")
+                await asyncio.sleep(raft.config.heartbeat_interval)
             case Conflict():
                 # The follower lacks prev_log_id: halve the distance to the known match.
                 if log_index(self.matching) >= prev_index:  # it lost what it had acknowledged
