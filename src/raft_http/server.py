@@ -276,6 +276,12 @@ async def _read_limited(request: web.Request, config: ServerConfig) -> bytes:
     return bytes(body)
 
 
+async def _json_body(request: web.Request, codec: JsonCodec[_T]) -> _T:
+    """A JSON RPC's body: right content type, within the size limit, decoded and valid."""
+    _require_content_type(request, JSON)
+    return _decode(codec, await _read_limited(request, request.app[SERVER_CONFIG]))
+
+
 def _decode(codec: JsonCodec[_T], body: bytes) -> _T:
     try:
         return codec.decode(body)
@@ -326,16 +332,12 @@ class _Routes:
 
     @staticmethod
     async def append(request: web.Request) -> web.Response:
-        _require_content_type(request, JSON)
-        body = await _read_limited(request, request.app[SERVER_CONFIG])
-        rpc = _decode(APPEND_ENTRIES_REQUEST, body)
+        rpc = await _json_body(request, APPEND_ENTRIES_REQUEST)
         return _json(APPEND_ENTRIES_RESPONSE, await request.app[RAFT_HANDLER].append_entries(rpc))
 
     @staticmethod
     async def vote(request: web.Request) -> web.Response:
-        _require_content_type(request, JSON)
-        body = await _read_limited(request, request.app[SERVER_CONFIG])
-        rpc = _decode(VOTE_REQUEST, body)
+        rpc = await _json_body(request, VOTE_REQUEST)
         return _json(VOTE_RESPONSE, await request.app[RAFT_HANDLER].vote(rpc))
 
     @staticmethod
@@ -393,8 +395,7 @@ class _Routes:
     @staticmethod
     async def snapshot_chunk(request: web.Request) -> web.Response:
         """The deprecated per-chunk protocol (Openraft's ``install_snapshot``)."""
-        body = await _read_limited(request, request.app[SERVER_CONFIG])
-        rpc = _decode(INSTALL_SNAPSHOT_REQUEST, body)
+        rpc = await _json_body(request, INSTALL_SNAPSHOT_REQUEST)
         handler = request.app[RAFT_HANDLER]
         current = handler.current_vote()
         if not rpc.vote >= current:
