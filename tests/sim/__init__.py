@@ -1,0 +1,1 @@
+"""Deterministic simulation of Raft clusters on virtual time, and a linearizability checker."""
