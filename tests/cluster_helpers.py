@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,12 +77,18 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def http(
-    method: str, url: str, body: Any = None, timeout: float = 10.0
+    method: str,
+    url: str,
+    body: Any = None,
+    timeout: float = 10.0,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[int, dict[str, str], Any]:
     """One request, redirects not followed: (status, headers, decoded JSON or None)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        req.add_header(name, value)
     try:
         with _OPENER.open(req, timeout=timeout) as resp:
             payload = resp.read()

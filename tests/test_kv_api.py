@@ -312,6 +312,8 @@ async def test_three_nodes_redirect_and_protect_the_raft_routes(
         nodes.append(node)
         await node.start()
     members = [[node.node_id, node.addr] for node in nodes]
+    # The Raft token guards the KV API too (no --api-token): send it on every API call.
+    session.headers["Authorization"] = "Bearer s3cret"
     resp = await session.post(f"{nodes[0].url}/init", json=members)
     assert resp.status == 200, await resp.text()
 
@@ -338,15 +340,18 @@ async def test_three_nodes_redirect_and_protect_the_raft_routes(
     leader = next(node for node in nodes if node.node_id == error["leader_id"])
     assert resp.headers["Location"] == f"{leader.url}/write"
     assert error["leader_addr"] == leader.addr
-    # Following the redirect (aiohttp does by default) lands the write on the leader.
-    resp = await session.post(f"{follower.url}/write", data=b'{"Set":{"key":"a","value":"1"}}')
+    # Following the redirect lands the write on the leader. aiohttp (like curl without
+    # --location-trusted) drops Authorization on a redirect to another host:port, so a
+    # client with a token follows it itself.
+    resp = await session.post(resp.headers["Location"], data=b'{"Set":{"key":"a","value":"1"}}')
     assert resp.status == 200, await resp.text()
-    resp = await session.post(f"{follower.url}/consistent_read", data=b'"a"')
+    resp = await session.post(f"{leader.url}/consistent_read", data=b'"a"')
     assert await resp.json() == {"value": "1"}
     await _wait(lambda: all(node.state_machine.get("a") == "1" for node in nodes), "replication")
 
     vote = b'{"vote":{"leader_id":{"term":99,"node_id":9}},"last_log_id":null}'
     raft_vote = f"{follower.url}/raft/vote"
+    del session.headers["Authorization"]
     headers = {"Content-Type": "application/json"}
     await _error(await session.post(raft_vote, data=vote, headers=headers), 401, "unauthorized")
     wrong_cluster = {**headers, "Authorization": "Bearer s3cret", "Raft-Cluster": "other"}

@@ -10,6 +10,11 @@ Routes (bodies are JSON; answers are JSON; errors are ``{"error": {"kind", "mess
 - ``POST /consistent_read`` ``"foo"`` (linearizable: confirmed by a quorum first)
 - ``GET /metrics``
 
+With an API token (``kv_api(api_token=...)``; ``KVNode`` uses the Raft token when no
+API token is given), every route but ``OPEN_PATHS`` answers ``401`` without
+``Authorization: Bearer <token>``, before routing, so a caller without the credential
+learns nothing and can change nothing.
+
 What only the leader may do answers ``307`` to the leader's same route when this
 node is not the leader (clients that follow redirects need do nothing), or ``503``
 with ``Retry-After`` while no leader is known. Bad bodies answer ``400`` naming
@@ -19,12 +24,14 @@ the field; this module never answers 500 for bad input.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any, Final, Protocol, TypeAlias, TypeVar
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Middleware
 from msgspec import Meta, Struct
 
 from ..client import parse_node_address
@@ -150,6 +157,40 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 CLIENT_MAX_SIZE: Final = web.AppKey("client_max_size", int)
+
+OPEN_PATHS: Final = frozenset({"/health", "/ready"})
+"""Routes that answer without the API token: probes, which must reveal only up or down."""
+
+
+def api_auth(token: str | None) -> Middleware:
+    """Require ``Authorization: Bearer <token>`` on every KV route but ``OPEN_PATHS``.
+
+    Compared in constant time, as the Raft routes' token is. Routes of a mounted app
+    (the Raft routes under ``/raft``) are left to that app's own auth: their callers
+    hold the Raft token, which may differ from this one.
+    """
+    expected = f"Bearer {token}".encode() if token is not None else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        apps = request.match_info.apps  # outermost first: the last one owns the route
+        mounted = bool(apps) and KV_API not in apps[-1]
+        if expected is None or mounted or request.path in OPEN_PATHS:
+            return await handler(request)
+        given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(given, expected):
+            return await handler(request)
+        resp = error_response(
+            401,
+            "unauthorized",
+            "missing or wrong bearer token (Authorization: Bearer <API token>)",
+            headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="kv"'},
+        )
+        if request.body_exists:
+            resp.force_close()  # do not read an unauthenticated body to keep the connection
+        return resp
+
+    return auth
 
 
 class KVApi:
@@ -319,11 +360,13 @@ def kv_api(
     scheme: str = "http",
     write_timeout: float = 10.0,
     client_max_size: int = 1024**2,
+    api_token: str | None = None,
 ) -> web.Application:
     """The KV API as an aiohttp app; ``KVNode`` mounts the Raft routes under it at ``/raft``.
 
     ``addr`` is this node's address as peers and clients know it (``host:port`` or a URL);
     ``scheme`` is what a bare ``host:port`` means in a redirect (``https`` with TLS).
+    ``api_token``: require it as a bearer token on every route but ``OPEN_PATHS``.
     """
     api = KVApi(
         raft,
@@ -333,7 +376,9 @@ def kv_api(
         scheme=scheme,
         write_timeout=write_timeout,
     )
-    app = web.Application(middlewares=[json_errors], client_max_size=client_max_size)
+    app = web.Application(
+        middlewares=[json_errors, api_auth(api_token)], client_max_size=client_max_size
+    )
     app[CLIENT_MAX_SIZE] = client_max_size
     app[KV_API] = api
     app.add_routes(api.routes())

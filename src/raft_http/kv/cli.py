@@ -43,6 +43,17 @@ def _non_negative_int(value: str) -> int:
     return int(value)
 
 
+def _token(value: str) -> str:
+    if not value or value != value.strip():
+        raise argparse.ArgumentTypeError("a token must be non-empty, without outer whitespace")
+    return value
+
+
+def _env_token(name: str) -> str | None:
+    """A token from the environment (so it need not be on the command line); empty is unset."""
+    return os.environ.get(name) or None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raft-http", description="A key-value store replicated with Raft over HTTP/JSON."
@@ -67,8 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--token",
-        default=os.environ.get("RAFT_HTTP_TOKEN"),
-        help="bearer token the Raft routes require and send (default: $RAFT_HTTP_TOKEN)",
+        type=_token,
+        default=_env_token("RAFT_HTTP_TOKEN"),
+        help="bearer token the Raft routes require and send, and the KV API requires "
+        "unless --api-token is given (default: $RAFT_HTTP_TOKEN)",
+    )
+    node.add_argument(
+        "--api-token",
+        type=_token,
+        default=_env_token("RAFT_HTTP_API_TOKEN"),
+        help="bearer token every KV route but /health and /ready requires "
+        "(default: $RAFT_HTTP_API_TOKEN, else the Raft token)",
     )
     node.add_argument(
         "--cluster", help="cluster name, checked on every Raft RPC (Raft-Cluster header)"
@@ -144,6 +164,7 @@ async def run_node(args: argparse.Namespace) -> int:
         port=port,
         advertise=args.advertise,
         token=args.token,
+        api_token=args.api_token,
         cluster=args.cluster,
         config=config,
         server_ssl=server_ssl,
@@ -165,6 +186,12 @@ async def run_node(args: argparse.Namespace) -> int:
     )
     await node.start()
     logger.info("node %d ready at %s", args.id, node.url)
+    if node.api_token is None:
+        logger.warning(
+            "no --token or --api-token: anyone who can reach %s can init, reconfigure, "
+            "write and read this node",
+            node.url,
+        )
     try:
         await stop.wait()
         logger.info("signal received: shutting node %d down", args.id)

@@ -58,6 +58,10 @@ class KVNode:
     ``port=0`` binds a free port (read ``addr`` after ``start()``); ``advertise`` is
     the address peers and clients use when it differs from ``host:port``.
     ``server_ssl`` / ``client_ssl`` turn on HTTPS for both the API and the Raft routes.
+    ``token`` guards the Raft routes; ``api_token`` the KV API, and when it is None the
+    Raft token guards the KV API too: a node with a Raft token never takes ``/init`` or a
+    membership change (which make it send that token to the addresses named) from a
+    caller without a credential.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class KVNode:
         port: int = 0,
         advertise: str | None = None,
         token: str | None = None,
+        api_token: str | None = None,
         cluster: str | None = None,
         config: Config | None = None,
         server_ssl: ssl.SSLContext | None = None,
@@ -81,6 +86,7 @@ class KVNode:
         self.port = port
         self.advertise = advertise
         self.token = token
+        self.api_token = api_token if api_token is not None else token
         self.cluster = cluster
         if config is None:
             config = Config(cluster_name=cluster) if cluster else Config()
@@ -138,6 +144,7 @@ class KVNode:
             addr=self.addr,
             scheme=self.scheme,
             write_timeout=self.write_timeout,
+            api_token=self.api_token,
         )
         app.add_subapp(
             RAFT_PREFIX,
