@@ -17,7 +17,9 @@ import ssl
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
 from ..raft import Config
+from .admin import add_admin_commands, run_admin
 from .node import KVNode
 
 logger = logging.getLogger("raft_http.kv.cli")
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raft-http", description="A key-value store replicated with Raft over HTTP/JSON."
     )
+    parser.add_argument("--version", action="version", version=f"raft-http {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     node = commands.add_parser(
         "node",
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="default: %(default)s",
     )
+    add_admin_commands(commands)
     return parser
 
 
@@ -203,6 +207,8 @@ async def run_node(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "node":
+        return run_admin(args)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s [node " + str(args.id) + "] %(name)s: %(message)s",
