@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import os
+import threading
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -714,6 +715,53 @@ async def test_deadline_is_per_chunk_not_per_snapshot(aiohttp_server: ServerFact
         assert slow.reads == 8
         assert raft.installed[0][2] == data
     finally:
+        await net.factory.close()
+
+
+class StalledFile(io.BytesIO):
+    """Reads return at once, except read number ``stall_at``, which hangs until ``release``."""
+
+    def __init__(self, data: bytes, stall_at: int) -> None:
+        super().__init__(data)
+        self.stall_at = stall_at
+        self.reads = 0
+        self.release = threading.Event()
+
+    def read(self, n: int | None = -1) -> bytes:
+        self.reads += 1
+        if self.reads == self.stall_at:
+            self.release.wait(10.0)
+        return super().read(n)
+
+
+async def test_a_stalled_chunk_times_out_mid_snapshot(aiohttp_server: ServerFactory) -> None:
+    """The per-chunk deadline also bounds each chunk: one that makes no progress is a Timeout.
+
+    Two chunks go through, the third stalls for far longer than ``hard_ttl``; the
+    upload must end with ``Timeout`` near ``hard_ttl``, and nothing is installed.
+    """
+    raft = FakeRaft()
+    net = await fake_server(aiohttp_server, raft)
+    stalled = StalledFile(payload(8 * 1024), stall_at=3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(Timeout) as info:
+            await asyncio.wait_for(
+                net.full_snapshot(
+                    vote(1),
+                    Snapshot(snapshot_meta(), stalled),
+                    never(),
+                    RPCOption(0.3, snapshot_chunk_size=1024),
+                ),
+                5.0,
+            )
+        assert info.value.action == "full_snapshot"
+        assert loop.time() - started < 5.0
+        assert stalled.reads == 3
+        assert raft.installed == []
+    finally:
+        stalled.release.set()
         await net.factory.close()
 
 

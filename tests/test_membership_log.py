@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raft_http.raft.membership import EMPTY, MembershipLog
+from raft_http.raft.engine.membership import EMPTY, MembershipLog
 from raft_http.types import (
     Blank,
     Entry,

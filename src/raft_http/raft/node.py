@@ -51,6 +51,25 @@ from ..types import (
     log_index,
 )
 from .config import Config
+from .engine.commit import follower_commit_index, leader_commit_index
+from .engine.election import (
+    VoteCount,
+    VoteVerdict,
+    campaign_term,
+    decide_vote,
+    lease_holds,
+    lost_quorum,
+    refusal_effect,
+)
+from .engine.log import RaftLog, plan_append, prev_log_conflicts
+from .engine.membership import (
+    MembershipLog,
+    plan_add_learner,
+    plan_change,
+    voter_set,
+)
+from .engine.policy import purge_upto, snapshot_due
+from .engine.quorum import quorum_acked_at
 from .errors import (
     ForwardToLeader,
     NotAllowed,
@@ -58,10 +77,7 @@ from .errors import (
     WriteAborted,
     WriteOutcomeUnknown,
 )
-from .log import RaftLog
-from .membership import MembershipLog
 from .metrics import RaftMetrics, ServerState
-from .quorum import committed_index, is_quorum, quorum_value
 from .replication import Replicator
 from .snapshot_store import SnapshotStore
 from .storage import LogStore, StateMachine, StorageError
@@ -374,16 +390,13 @@ class Raft:
 
     def _quorum_acked_at(self, leader: _LeaderState) -> float:
         """The loop time up to which a quorum of every config has acknowledged this leader."""
-        now = self._loop.time()
 
         def acked_at(node_id: int) -> float:
-            if node_id == self.id:
-                return now
             replicator = leader.replicators.get(node_id)
-            return replicator.acked_at if replicator else float("-inf")
+            return replicator.progress.acked_at if replicator else float("-inf")
 
-        agreed = quorum_value(self.membership.membership.configs, acked_at)
-        return now if agreed is None else agreed
+        configs = self.membership.membership.configs
+        return quorum_acked_at(configs, self.id, acked_at, self._loop.time())
 
     async def _check_quorum(self, leader: _LeaderState, now: float) -> None:
         """Step down after ``2 * election_timeout_max`` without a quorum's acknowledgement.
@@ -392,7 +405,7 @@ class Raft:
         commit, and keep refusing votes, until the partition heals.
         """
         last_contact = max(self._quorum_acked_at(leader), leader.since)
-        if now - last_contact <= 2 * self.config.election_timeout_max:
+        if not lost_quorum(now, last_contact, self.config.election_timeout_max):
             return
         async with self._lock:
             if self._leader is leader:
@@ -402,7 +415,7 @@ class Raft:
                 self._notify()
 
     async def _elect(self) -> None:
-        term = max(self._vote.term, self._term_hint) + 1
+        term = campaign_term(self._vote.term, self._term_hint)
         candidate = Vote(LeaderId(term, self.id))
         if not await self._collect_votes(candidate, pre_vote=True):
             return
@@ -426,9 +439,8 @@ class Raft:
 
     async def _collect_votes(self, candidate: Vote, *, pre_vote: bool) -> bool:
         membership = self.membership.membership
-        configs = membership.configs
-        granted = {self.id}
-        if is_quorum(configs, granted):
+        count = VoteCount(membership.configs, self.id)
+        if count.won:
             return True
         rpc = VoteRequest(candidate, self.log.last_log_id, pre_vote=pre_vote)
         option = RPCOption(hard_ttl=self.config.election_timeout_max)
@@ -453,14 +465,17 @@ class Raft:
                     if response is None:
                         continue
                     if response.vote_granted:
-                        granted.add(target)
-                        if is_quorum(configs, granted):
+                        if count.grant(target):
                             return True
-                    elif response.vote.term >= candidate.term:
-                        self._term_hint = max(self._term_hint, response.vote.term)
-                        if not pre_vote and response.vote > self._vote:
-                            await self.on_higher_vote(response.vote, f"vote from {target}")
-                            return False
+                        continue
+                    hint, step_down = refusal_effect(
+                        candidate, response.vote, self._vote, pre_vote=pre_vote
+                    )
+                    if hint is not None:
+                        self._term_hint = max(self._term_hint, hint)
+                    if step_down:
+                        await self.on_higher_vote(response.vote, f"vote from {target}")
+                        return False
             return False
         finally:
             for task in pending:
@@ -554,16 +569,18 @@ class Raft:
             def answer(granted: bool) -> VoteResponse:
                 return VoteResponse(self._vote, granted, last)
 
-            leased = self._leader is not None or (mine.committed and now < self._lease_until)
-            if leased and rpc.vote.leader_id != mine.leader_id:
-                return answer(False)
-            if log_id_key(rpc.last_log_id) < log_id_key(last):
+            leased = lease_holds(
+                leading=self._leader is not None,
+                vote=mine,
+                now=now,
+                lease_until=self._lease_until,
+            )
+            verdict = decide_vote(rpc, mine=mine, last_log_id=last, leased=leased)
+            if verdict is VoteVerdict.REFUSE:
                 return answer(False)
             if rpc.pre_vote:
-                return answer(rpc.vote.term > mine.term or rpc.vote >= mine)
-            if not rpc.vote >= mine:
-                return answer(False)
-            if rpc.vote != mine:
+                return answer(True)
+            if verdict is VoteVerdict.GRANT_AND_SAVE:
                 await self._save_vote(rpc.vote)
                 self._stop_leading("granted a vote")
                 self._state = ServerState.FOLLOWER
@@ -580,7 +597,7 @@ class Raft:
             if not await self._accept_leader(rpc.vote):
                 return HigherVote(self._vote)
             prev = rpc.prev_log_id
-            if log_index(prev) > log_index(self.log.last_purged) and not self.log.matches(prev):
+            if prev_log_conflicts(self.log, prev):
                 return Conflict()
             try:
                 await self._append_from_leader(rpc.entries)
@@ -588,11 +605,12 @@ class Raft:
                 self.fail(f"appending entries failed: {e}")
                 raise Fatal(str(e)) from e
             last_matching = rpc.entries[-1].log_id if rpc.entries else prev
-            if rpc.leader_commit is not None:
-                upto = min(rpc.leader_commit.index, log_index(last_matching))
-                if upto > log_index(self.committed):
-                    self.committed = self.log.log_id_at(upto)
-                    self._commit_event.set()
+            upto = follower_commit_index(
+                rpc.leader_commit, last_matching, log_index(self.committed)
+            )
+            if upto is not None:
+                self.committed = self.log.log_id_at(upto)
+                self._commit_event.set()
             self._notify()
             return Success()
 
@@ -614,17 +632,7 @@ class Raft:
 
     async def _append_from_leader(self, entries: list[Entry]) -> None:
         """Skip what we hold, truncate at the first conflict, append the rest."""
-        purged = log_index(self.log.last_purged)
-        start = 0
-        conflict: int | None = None
-        while start < len(entries):
-            log_id = entries[start].log_id
-            if log_id.index > self.log.last_index:
-                break
-            if log_id.index > purged and self.log.log_id_at(log_id.index) != log_id:
-                conflict = log_id.index
-                break
-            start += 1
+        conflict, new = plan_append(self.log, entries)
         if conflict is not None:
             if conflict <= log_index(self.committed):
                 raise StorageError(f"leader sent an entry at {conflict} over {self.committed}")
@@ -633,7 +641,6 @@ class Raft:
             self._memberships.forget_since(conflict)
             # Waiters for the removed entries stay: another node may still hold such an entry
             # and commit it as a later leader. Their fate is known when the index is applied.
-        new = entries[start:]
         if not new:
             return
         await self.log_store.append(new)
@@ -763,22 +770,30 @@ class Raft:
         self._update_commit()
         self._notify()
 
-    def _matched_index(self, node_id: int) -> int:
-        if node_id == self.id:
-            return self.log.last_index
-        leader = self._leader
-        replicator = leader.replicators.get(node_id) if leader else None
-        return log_index(replicator.matching) if replicator else -1
-
     def _update_commit(self) -> None:
-        if self._leader is None:
+        leader = self._leader
+        if leader is None:
             return
-        index = committed_index(self.membership.membership.configs, self._matched_index)
-        if index <= log_index(self.committed):
-            return
-        log_id = self.log.log_id_at(index)
-        if log_id is not None and log_id.term == self._vote.term:
-            self.committed = log_id
+
+        def matched(node_id: int) -> int:
+            if node_id == self.id:
+                return self.log.last_index
+            replicator = leader.replicators.get(node_id)
+            return log_index(replicator.progress.matching) if replicator else -1
+
+        def term_at(index: int) -> int:
+            log_id = self.log.log_id_at(index)
+            return -1 if log_id is None else log_id.term
+
+        index = leader_commit_index(
+            self.membership.membership.configs,
+            matched,
+            term_at,
+            self._vote.term,
+            log_index(self.committed),
+        )
+        if index is not None:
+            self.committed = self.log.log_id_at(index)
             self._commit_event.set()
 
     # --- applying committed entries -----------------------------------------------------
@@ -819,8 +834,12 @@ class Raft:
                     else:  # decided: the index is committed with another leader's entry
                         future.set_exception(WriteAborted("another leader overwrote the entry"))
                 self._notify()
-            due = log_index(self._last_applied) - log_index(self._snapshot_last())
-            if due >= self.config.snapshot_logs_since_last and not self._building_snapshot():
+            due = snapshot_due(
+                log_index(self._last_applied),
+                log_index(self._snapshot_last()),
+                self.config.snapshot_logs_since_last,
+            )
+            if due and not self._building_snapshot():
                 self._begin_snapshot()
 
     def _building_snapshot(self) -> bool:
@@ -854,8 +873,9 @@ class Raft:
             async with self._lock:
                 if log_index(last) > log_index(self._snapshot_last()):
                     self._snapshot = meta
-                upto = last.index - self.config.max_in_snapshot_log_to_keep
-                if upto > log_index(self.log.last_purged) and upto >= self.log.first_index:
+                keep = self.config.max_in_snapshot_log_to_keep
+                upto = purge_upto(last.index, keep, log_index(self.log.last_purged))
+                if upto is not None:
                     purge_id = self.log.log_id_at(upto)
                     assert purge_id is not None
                     await self.log_store.purge(purge_id)
@@ -953,14 +973,11 @@ class Raft:
         async with self._membership_lock:
             await self._wait_membership_committed()
             current = self.membership
-            if current.membership.nodes.get(node_id) == node:
+            membership = plan_add_learner(current.membership, node_id, node)
+            if membership is None:
                 assert current.log_id is not None
                 response = ClientWriteResponse(current.log_id)
-            elif node_id in current.membership.nodes:
-                raise NotAllowed(f"node {node_id} is already a member at another address")
             else:
-                nodes = {**current.membership.nodes, node_id: node}
-                membership = Membership(current.membership.configs, nodes)
                 response = await self._propose(MembershipChange(membership))
         if blocking:
             target = response.log_id.index
@@ -976,29 +993,14 @@ class Raft:
         self, voters: Iterable[int], retain: bool = False
     ) -> ClientWriteResponse:
         """Make ``voters`` the voters via a joint config; ``retain`` keeps removed voters."""
-        new_voters = sorted(set(voters))
-        if not new_voters:
-            raise NotAllowed("the new membership needs at least one voter")
+        new_voters = voter_set(voters)
         self._require_leader()
         async with self._membership_lock:
             await self._wait_membership_committed()
-            current = self.membership.membership
-            missing = [n for n in new_voters if n not in current.nodes]
-            if missing:
-                raise NotAllowed(f"nodes {missing} are not members; add them as learners first")
-            if current.is_joint():
-                current = Membership([current.configs[-1]], current.nodes)
-                await self._propose(MembershipChange(current))
-            old_voters = current.configs[0]
-            if sorted(old_voters) != new_voters:
-                joint = Membership([old_voters, new_voters], current.nodes)
-                await self._propose(MembershipChange(joint))
-            nodes = {
-                n: addr
-                for n, addr in current.nodes.items()
-                if retain or n in new_voters or n not in old_voters
-            }
-            return await self._propose(MembershipChange(Membership([new_voters], nodes)))
+            *steps, final = plan_change(self.membership.membership, new_voters, retain=retain)
+            for step in steps:
+                await self._propose(MembershipChange(step))
+            return await self._propose(MembershipChange(final))
 
     async def _wait_membership_committed(self) -> None:
         def committed() -> bool:

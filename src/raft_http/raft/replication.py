@@ -33,8 +33,8 @@ from ..types import (
     PartialSuccess,
     Success,
     Vote,
-    log_index,
 )
+from .engine.progress import Progress
 
 if TYPE_CHECKING:
     from .node import Raft
@@ -51,15 +51,19 @@ class Replicator:
         self.target = target
         self.node = node
         self.network = network
-        self.matching: LogId | None = None
-        self.next_index = raft.log.last_index + 1
-        self.entries_limit = raft.config.max_payload_entries
-        self.acked_at = float("-inf")
-        """Loop time at which the last acknowledged request was sent (for read-index checks)."""
+        self.progress = Progress(raft.log.last_index + 1, raft.config.max_payload_entries)
         self.wake = asyncio.Event()
         self._problem: str | None = None
         self.closed: asyncio.Future[ReplicationClosed] = asyncio.get_running_loop().create_future()
         self.task = asyncio.create_task(self._run(), name=f"raft-{raft.id}-replicate-{target}")
+
+    @property
+    def matching(self) -> LogId | None:
+        return self.progress.matching
+
+    @property
+    def entries_limit(self) -> int:
+        return self.progress.entries_limit
 
     def stop(self, reason: str) -> None:
         if not self.closed.done():
@@ -71,7 +75,7 @@ class Replicator:
         backoff: Backoff | None = None
         heartbeat = self.raft.config.heartbeat_interval
         while self.raft.is_leader_of(self.vote):
-            if self.next_index > self.raft.log.last_index:
+            if not self.progress.has_more(self.raft.log.last_index):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), heartbeat)
                 if not self.raft.is_leader_of(self.vote):
@@ -82,15 +86,17 @@ class Replicator:
             except Closed:
                 return
             except PayloadTooLarge as e:
-                self.entries_limit = max(1, min(self.entries_limit - 1, e.entries_hint))
+                self.progress.too_large(e.entries_hint)
                 self._trouble(f"payload too large, now {self.entries_limit} entries per request")
             except (Unreachable, RemoteError) as e:
+                self.progress.failed()
                 # Down, stopped (Fatal) or refusing us (token, cluster): back off.
                 backoff = backoff or self.network.backoff()
                 delay = next(backoff)
                 self._trouble(f"{type(e).__name__}: {e}; retrying in {delay:.3f}s")
                 await asyncio.sleep(delay)
             except RaftHttpError as e:  # Timeout, NetworkError, ...: the next try may work
+                self.progress.failed()
                 self._trouble(f"{type(e).__name__}: {e}")
                 await asyncio.sleep(heartbeat)
             else:
@@ -110,13 +116,16 @@ class Replicator:
 
     async def _send_once(self) -> None:
         raft = self.raft
-        prev_index = self.next_index - 1
-        if prev_index < log_index(raft.log.last_purged):
+        progress = self.progress
+        if progress.needs_snapshot(raft.log.last_purged):
             await self._send_snapshot()
             return
+        start, stop = progress.batch(raft.log.last_index)
+        prev_index = start - 1
         prev_log_id = raft.log.log_id_at(prev_index)
-        entries = raft.log.slice(self.next_index, self.next_index + self.entries_limit)
+        entries = raft.log.slice(start, stop)
         rpc = AppendEntriesRequest(self.vote, prev_log_id, entries, raft.committed)
+        progress.sent(stop - 1)
         sent_at = asyncio.get_running_loop().time()
         option = RPCOption(hard_ttl=raft.config.append_timeout)
         response = await self.network.append_entries(rpc, option)
@@ -133,18 +142,12 @@ class Replicator:
                 self._trouble("Conflict: the peer refuses even an empty prefix")
                 await asyncio.sleep(raft.config.heartbeat_interval)
             case Conflict():
-                # The follower lacks prev_log_id: halve the distance to the known match.
-                if log_index(self.matching) >= prev_index:  # it lost what it had acknowledged
-                    self.matching = None
-                self.next_index = (log_index(self.matching) + prev_index) // 2 + 1
+                progress.conflict(prev_index)
             case HigherVote(vote=vote):
                 await raft.on_higher_vote(vote, f"append_entries to node {self.target}")
 
     def _matched(self, matching: LogId | None, sent_at: float) -> None:
-        if log_index(matching) > log_index(self.matching):
-            self.matching = matching
-        self.next_index = log_index(self.matching) + 1
-        self.acked_at = max(self.acked_at, sent_at)
+        self.progress.matched(matching, sent_at)
         self.raft.on_replicated(self)
 
     async def _send_snapshot(self) -> None:
@@ -158,6 +161,7 @@ class Replicator:
                 snapshot_chunk_size=raft.config.snapshot_max_chunk_size,
             )
             sent_at = asyncio.get_running_loop().time()
+            self.progress.sending_snapshot()
             log.info("sending snapshot %s to node %s", snapshot.meta.snapshot_id, self.target)
             response = await self.network.full_snapshot(self.vote, snapshot, self.closed, option)
         except RemoteError as e:

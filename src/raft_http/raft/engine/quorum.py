@@ -1,4 +1,9 @@
-"""Quorum arithmetic for one config (majority) and for joint consensus (a majority of each)."""
+"""Quorum arithmetic for one config (majority) and for joint consensus (a majority of each).
+
+A membership is a list of configs: one in a uniform membership, two (old, new) while a
+change is in joint consensus. Every decision that needs "a quorum" needs a majority of
+every config at once (Raft paper, section 6).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 
 
 def is_quorum(configs: Sequence[Collection[int]], granted: Iterable[int]) -> bool:
-    """True when ``granted`` holds a majority of every config (an empty config needs nobody)."""
+    """True when ``granted`` holds a majority of every config (with no config, nobody is needed)."""
     ids = set(granted)
     return all(len(ids.intersection(config)) * 2 > len(config) for config in configs)
 
@@ -37,3 +42,19 @@ def committed_index(configs: Sequence[Collection[int]], matched: Callable[[int],
     """
     value = quorum_value(configs, matched)
     return -1 if value is None else int(value)
+
+
+def quorum_acked_at(
+    configs: Sequence[Collection[int]],
+    self_id: int,
+    acked_at: Callable[[int], float],
+    now: float,
+) -> float:
+    """The time up to which a quorum of every config has acknowledged the leader ``self_id``.
+
+    The leader acknowledges itself ``now``; ``acked_at(peer)`` is the send time of the
+    newest request that peer answered. With no voters at all the leader alone is the
+    quorum, so the answer is ``now``.
+    """
+    agreed = quorum_value(configs, lambda n: now if n == self_id else acked_at(n))
+    return now if agreed is None else agreed

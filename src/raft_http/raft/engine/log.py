@@ -7,7 +7,10 @@ storage reads.
 
 from __future__ import annotations
 
-from ..types import Entry, LogId, log_index
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from ...types import Entry, LogId, log_index
 
 
 class RaftLog:
@@ -87,3 +90,39 @@ class RaftLog:
             return
         del self._entries[: max(0, upto.index - self.first_index + 1)]
         self.last_purged = upto
+
+
+def prev_log_conflicts(log: RaftLog, prev_log_id: LogId | None) -> bool:
+    """Whether an AppendEntries must be refused because the log lacks ``prev_log_id``.
+
+    Up to the last purged id the log is committed, so it holds whatever the leader has
+    there (Leader Completeness): only an unpurged ``prev_log_id`` is checked.
+    """
+    return log_index(prev_log_id) > log_index(log.last_purged) and not log.matches(prev_log_id)
+
+
+class AppendPlan(NamedTuple):
+    """What accepting a leader's entries does to the log: truncate, then append ``new``."""
+
+    truncate_at: int | None
+    new: list[Entry]
+
+
+def plan_append(log: RaftLog, entries: Sequence[Entry]) -> AppendPlan:
+    """Skip the entries the log already holds; truncate at the first that differs.
+
+    Entries are never truncated when they agree (a stale, reordered request must not
+    cut off a newer tail), and purged ones are taken as held (they are committed).
+    """
+    purged = log_index(log.last_purged)
+    start = 0
+    conflict: int | None = None
+    while start < len(entries):
+        log_id = entries[start].log_id
+        if log_id.index > log.last_index:
+            break
+        if log_id.index > purged and log.log_id_at(log_id.index) != log_id:
+            conflict = log_id.index
+            break
+        start += 1
+    return AppendPlan(conflict, list(entries[start:]))
