@@ -1,10 +1,13 @@
-"""The benchmarks still run: each one with ``--quick`` exits 0 and prints its tables.
+"""The benchmarks still run: ``bench/run_all.py --smoke`` runs every one and writes its tables.
 
-No timing assertions: benchmark figures live in bench/RESULTS.md, not in tests.
+No timing assertions: benchmark figures live in bench/RESULTS.md, not in tests. The
+smoke size runs each cell once and briefly, with every process a benchmark needs
+(nodes, servers, load generators, PySyncObj) started and killed for real.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,43 +16,52 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
+# Each benchmark script and tables its section must hold.
+EXPECTED = {
+    "bench_append.py": [
+        "### AppendEntries calls/s, separate processes",
+        "### Encode and decode cost per entry",
+    ],
+    "bench_transport.py": ["### full_snapshot upload"],
+}
 
-def run_quick(script: str) -> str:
+
+def tables_under(text: str, title: str) -> list[str]:
+    after = text.split(title, 1)[1].splitlines()
+    return [line for line in after[:30] if line.startswith("|")]
+
+
+@pytest.mark.timeout(600)
+def test_run_all_smoke_writes_every_table(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
     proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--quick"],
+        [
+            sys.executable,
+            str(BENCH / "run_all.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path / "out"),
+            "--results",
+            str(results),
+        ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=540,
         check=False,
     )
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
-@pytest.mark.parametrize(
-    ("script", "titles"),
-    [
-        (
-            "bench_transport.py",
-            [
-                "### Heartbeats (empty AppendEntries)",
-                "### AppendEntries throughput",
-                "### full_snapshot upload",
-                "### Heartbeat latency to the node receiving a snapshot",
-            ],
-        ),
-        (
-            "bench_cluster.py",
-            ["### Client writes, 3 nodes in one process", "### Time to a new confirmed leader"],
-        ),
-    ],
-)
-def test_quick_run_prints_its_tables(script: str, titles: list[str]) -> None:
-    out = run_quick(script)
-    for title in titles:
-        assert title in out, f"{script} did not print {title!r}:\n{out}"
-        # the table under the title has a header separator and at least one data row
-        after = out.split(title, 1)[1].splitlines()
-        rows = [line for line in after[:20] if line.startswith("|")]
-        assert len(rows) >= 3, f"{script}: table {title!r} is empty:\n{out}"
-    assert "machine: python" in out
+    assert proc.returncode == 0, f"run_all failed:\n{proc.stdout}\n{proc.stderr}"
+    text = results.read_text()
+    assert "FAILED" not in text, text
+    assert "Machine: `nproc` =" in text
+    for script, titles in EXPECTED.items():
+        if not (BENCH / script).exists():
+            continue
+        for title in titles:
+            assert title in text, f"{script}: no {title!r} in RESULTS.md:\n{text}"
+            rows = tables_under(text, title)
+            # a header, its separator and at least one data row
+            assert len(rows) >= 3, f"{script}: table {title!r} is empty:\n{text}"
+    if importlib.util.find_spec("matplotlib") is not None:
+        for png in ("throughput.png", "latency_cdf.png", "failover.png"):
+            if f"({png})" in text:
+                assert (tmp_path / png).stat().st_size > 0
