@@ -87,7 +87,7 @@ async def client(raft: ScriptedRaft, aiohttp_client: Any) -> TestClient[Any, Any
     sm = KVStateMachine()
     sm._data["foo"] = "local"
     app = kv_api(raft, sm, node_id=1, addr="127.0.0.1:21001", write_timeout=5.0)
-    return await aiohttp_client(app)
+    return await aiohttp_client(app, headers={"Content-Type": "application/json"})
 
 
 async def _error(resp: Any, status: int, kind: str) -> dict[str, Any]:
@@ -248,7 +248,9 @@ async def test_unexpected_error_is_a_json_500_without_traceback(
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as s:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=15), headers={"Content-Type": "application/json"}
+    ) as s:
         yield s
 
 

@@ -62,7 +62,7 @@ async def _refused(resp: aiohttp.ClientResponse) -> None:
 @pytest.fixture
 async def guarded(raft: ScriptedRaft, aiohttp_client: Any) -> TestClient[Any, Any]:
     app = kv_api(raft, KVStateMachine(), node_id=1, addr="127.0.0.1:21001", api_token=API_TOKEN)
-    return await aiohttp_client(app)
+    return await aiohttp_client(app, headers={"Content-Type": "application/json"})
 
 
 @pytest.fixture
@@ -122,7 +122,8 @@ async def test_the_right_token_passes_and_probes_stay_open(
 
 
 async def test_without_a_token_the_api_is_open(raft: ScriptedRaft, aiohttp_client: Any) -> None:
-    client = await aiohttp_client(kv_api(raft, KVStateMachine(), node_id=1, addr="h:1"))
+    app = kv_api(raft, KVStateMachine(), node_id=1, addr="h:1")
+    client = await aiohttp_client(app, headers=JSON)
     assert (await client.post("/write", data=GOOD_BODIES["/write"])).status == 200
 
 
@@ -176,7 +177,9 @@ async def nodes() -> AsyncIterator[list[KVNode]]:
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as s:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=15), headers={"Content-Type": "application/json"}
+    ) as s:
         yield s
 
 

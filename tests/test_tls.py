@@ -239,6 +239,7 @@ async def test_three_kv_nodes_over_mutual_tls(tls: TlsFiles, tmp_path: Path) -> 
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=api_tls),
             timeout=aiohttp.ClientTimeout(total=15),
+            headers={"Content-Type": "application/json"},
         ) as session:
             members = [[node.node_id, node.addr] for node in nodes]
             resp = await session.post(f"{nodes[1].url}/init", json=members)

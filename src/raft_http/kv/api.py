@@ -24,24 +24,44 @@ the field; this module never answers 500 for bad input.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any, Final, Protocol, TypeAlias, TypeVar
 
 import msgspec
-from aiohttp import hdrs, web
-from aiohttp.typedefs import Middleware
+from aiohttp import web
 from msgspec import Meta, Struct
 
 from ..client import parse_node_address
 from ..errors import APIError, Fatal, RaftError
-from ..types import LogId, Node, encode_json
+from ..types import LogId, Node, NodeId, encode_json
+from .intake import (
+    ADMIN_MAX_BODY_SIZE,
+    BODY,
+    DEFAULT_BODY_TIMEOUT,
+    OPEN_PATHS,
+    ApiErrorBody,
+    ApiErrorDetail,
+    api_auth,
+    body_intake,
+    error_response,
+)
 from .state_machine import InvalidCommand, KVStateMachine, decode_command
+
+__all__ = [
+    "KV_API",
+    "OPEN_PATHS",
+    "ApiErrorBody",
+    "ApiErrorDetail",
+    "KVApi",
+    "RaftAPI",
+    "base_url",
+    "error_response",
+    "kv_api",
+]
 
 logger = logging.getLogger(__name__)
 
-NodeId: TypeAlias = Annotated[int, Meta(ge=0)]
 Address: TypeAlias = Annotated[str, Meta(min_length=1, max_length=2048)]
 
 
@@ -59,20 +79,6 @@ class RaftAPI(Protocol):
     async def change_membership(self, voters: Iterable[int], retain: bool = False) -> Any: ...
 
     def metrics(self) -> Any: ...
-
-
-class ApiErrorDetail(Struct, frozen=True, omit_defaults=True):
-    """The transport's error shape, plus where the leader is for ``forward_to_leader``."""
-
-    kind: str
-    message: str
-    leader_id: int | None = None
-    leader_addr: str | None = None
-    limit: int | None = None
-
-
-class ApiErrorBody(Struct, frozen=True):
-    error: ApiErrorDetail
 
 
 class ValueResponse(Struct, frozen=True):
@@ -99,20 +105,6 @@ def base_url(addr: str, scheme: str = "http") -> str:
     if "://" in addr:
         return addr.rstrip("/")
     return f"{scheme}://{addr}"
-
-
-def error_response(
-    status: int,
-    kind: str,
-    message: str,
-    *,
-    headers: dict[str, str] | None = None,
-    **extra: Any,
-) -> web.Response:
-    body = ApiErrorBody(ApiErrorDetail(kind=kind, message=message, **extra))
-    return web.Response(
-        status=status, body=encode_json(body), content_type="application/json", headers=headers
-    )
 
 
 def _json(value: Any) -> web.Response:
@@ -158,40 +150,6 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 CLIENT_MAX_SIZE: Final = web.AppKey("client_max_size", int)
 
-OPEN_PATHS: Final = frozenset({"/health", "/ready"})
-"""Routes that answer without the API token: probes, which must reveal only up or down."""
-
-
-def api_auth(token: str | None) -> Middleware:
-    """Require ``Authorization: Bearer <token>`` on every KV route but ``OPEN_PATHS``.
-
-    Compared in constant time, as the Raft routes' token is. Routes of a mounted app
-    (the Raft routes under ``/raft``) are left to that app's own auth: their callers
-    hold the Raft token, which may differ from this one.
-    """
-    expected = f"Bearer {token}".encode() if token is not None else None
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        apps = request.match_info.apps  # outermost first: the last one owns the route
-        mounted = bool(apps) and KV_API not in apps[-1]
-        if expected is None or mounted or request.path in OPEN_PATHS:
-            return await handler(request)
-        given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
-        if hmac.compare_digest(given, expected):
-            return await handler(request)
-        resp = error_response(
-            401,
-            "unauthorized",
-            "missing or wrong bearer token (Authorization: Bearer <API token>)",
-            headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="kv"'},
-        )
-        if request.body_exists:
-            resp.force_close()  # do not read an unauthenticated body to keep the connection
-        return resp
-
-    return auth
-
 
 class KVApi:
     """The route handlers, bound to one node's Raft and state machine."""
@@ -225,7 +183,7 @@ class KVApi:
         ]
 
     async def _body(self, request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
-        data = await request.read()
+        data = request[BODY]
         try:
             return decoder.decode(data)
         except msgspec.DecodeError as e:
@@ -318,7 +276,7 @@ class KVApi:
 
     async def write(self, request: web.Request) -> web.Response:
         async def action() -> web.Response:
-            data = await request.read()
+            data = request[BODY]
             try:
                 decode_command(data)
             except InvalidCommand as e:
@@ -361,13 +319,19 @@ def kv_api(
     write_timeout: float = 10.0,
     client_max_size: int = 1024**2,
     api_token: str | None = None,
+    admin_max_body_size: int = ADMIN_MAX_BODY_SIZE,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> web.Application:
     """The KV API as an aiohttp app; ``KVNode`` mounts the Raft routes under it at ``/raft``.
 
     ``addr`` is this node's address as peers and clients know it (``host:port`` or a URL);
     ``scheme`` is what a bare ``host:port`` means in a redirect (``https`` with TLS).
     ``api_token``: require it as a bearer token on every route but ``OPEN_PATHS``.
+    ``client_max_size`` bounds a body (``admin_max_body_size`` on ``/init`` and the
+    membership routes); ``body_timeout`` is how long a body may take to arrive.
     """
+    if min(client_max_size, admin_max_body_size) <= 0 or not body_timeout > 0:
+        raise ValueError("body limits and body_timeout must be > 0")
     api = KVApi(
         raft,
         state_machine,
@@ -377,7 +341,12 @@ def kv_api(
         write_timeout=write_timeout,
     )
     app = web.Application(
-        middlewares=[json_errors, api_auth(api_token)], client_max_size=client_max_size
+        middlewares=[
+            json_errors,
+            api_auth(api_token, KV_API),
+            body_intake(client_max_size, admin_max_body_size, body_timeout, KV_API),
+        ],
+        client_max_size=client_max_size,
     )
     app[CLIENT_MAX_SIZE] = client_max_size
     app[KV_API] = api
