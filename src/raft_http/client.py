@@ -37,6 +37,19 @@ from .errors import (
     Unreachable,
 )
 from .network import Backoff, RaftNetwork, RaftNetworkFactory, RPCOption
+from .protocol import (
+    H_CLUSTER,
+    H_SNAPSHOT_ID,
+    H_SNAPSHOT_META,
+    H_SNAPSHOT_OFFSET,
+    H_SNAPSHOT_SHA256,
+    H_SNAPSHOT_SIZE,
+    H_VOTE,
+    JSON,
+    OCTET_STREAM,
+    SHA256_HEX,
+    parse_node_address,
+)
 from .types import (
     APPEND_ENTRIES_REQUEST,
     APPEND_ENTRIES_RESPONSE,
@@ -67,42 +80,13 @@ __all__ = ["HttpNetwork", "HttpNetworkFactory", "parse_node_address"]
 
 T = TypeVar("T")
 
-JSON: Final = "application/json"
-OCTET_STREAM: Final = "application/octet-stream"
 MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 """Answers are small JSON documents; a peer sending more than this is broken."""
 EXCERPT_CHARS: Final = 200
 
 _ASCII_UNSAFE = re.compile(r"[^\x00-\x7f]")
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _SNAPSHOT_READ_LOCK = threading.Lock()
 """Serialises seek+read on snapshot files, which several uploads may share."""
-
-
-def parse_node_address(addr: str) -> URL:
-    """The base URL of a node: ``host:port`` means ``http://host:port``.
-
-    Raises ``ValueError`` for anything else than that or an ``http(s)://host[:port][/prefix]``
-    URL (no query, fragment or credentials), so a bad address fails at ``new_client``.
-    """
-    if not isinstance(addr, str) or not addr or addr != addr.strip():
-        raise ValueError(f"invalid node address {addr!r}")
-    full = "://" in addr
-    try:
-        url = URL(addr if full else f"http://{addr}")
-    except ValueError as e:
-        raise ValueError(f"invalid node address {addr!r}: {e}") from None
-    if url.scheme not in ("http", "https"):
-        raise ValueError(f"invalid node address {addr!r}: scheme must be http or https")
-    if not url.host:
-        raise ValueError(f"invalid node address {addr!r}: no host")
-    if url.query_string or url.fragment or url.user is not None or url.password is not None:
-        raise ValueError(f"invalid node address {addr!r}: no query, fragment or credentials")
-    if not full and (url.explicit_port is None or url.path not in ("", "/")):
-        raise ValueError(f"invalid node address {addr!r}: expected host:port or an http(s) URL")
-    if not url.path.endswith("/"):
-        url = url.with_path(url.path + "/")
-    return url
 
 
 def _ascii_json(raw: bytes) -> str:
@@ -217,7 +201,7 @@ class HttpNetworkFactory(RaftNetworkFactory):
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         if cluster is not None:
-            headers["Raft-Cluster"] = cluster
+            headers[H_CLUSTER] = cluster
         self.headers: Mapping[str, str] = headers
         self.json_headers: Mapping[str, str] = {**headers, "Content-Type": JSON}
         self.ssl: ssl_module.SSLContext | bool = True if ssl is None else ssl
@@ -427,9 +411,7 @@ class HttpNetwork(RaftNetwork):
         action = "full_snapshot"
         meta = snapshot.meta
         sha256 = snapshot.sha256
-        if sha256 is not None and (
-            not isinstance(sha256, str) or not _SHA256_HEX.fullmatch(sha256)
-        ):
+        if sha256 is not None and (not isinstance(sha256, str) or not SHA256_HEX.fullmatch(sha256)):
             raise SnapshotTransferError(
                 meta,
                 f"snapshot {meta.snapshot_id!r}: sha256 must be 64 lowercase hex digits, "
@@ -439,13 +421,13 @@ class HttpNetwork(RaftNetwork):
         headers = {
             **self.factory.headers,
             "Content-Type": OCTET_STREAM,
-            "Raft-Vote": VOTE.encode(vote).decode(),
-            "Raft-Snapshot-Meta": _ascii_json(SNAPSHOT_META.encode(meta)),
-            "Raft-Snapshot-Size": str(size),
+            H_VOTE: VOTE.encode(vote).decode(),
+            H_SNAPSHOT_META: _ascii_json(SNAPSHOT_META.encode(meta)),
+            H_SNAPSHOT_SIZE: str(size),
         }
         if sha256 is not None:
             # On every request, fresh or resumed: the server checks the whole file.
-            headers["Raft-Snapshot-Sha256"] = sha256
+            headers[H_SNAPSHOT_SHA256] = sha256
         offset = 0
         resumes = 0
         while True:
@@ -481,7 +463,7 @@ class HttpNetwork(RaftNetwork):
         """One POST of the bytes from ``offset``; a dropped connection raises ``_Dropped``."""
         session = self.factory.snapshot_session()
         state = _Upload(offset)
-        headers = {**headers, "Raft-Snapshot-Offset": str(offset)}
+        headers = {**headers, H_SNAPSHOT_OFFSET: str(offset)}
         try:
             async with asyncio.timeout(option.hard_ttl) as deadline:
                 body = self._chunks(snapshot, state, size, option, deadline)
@@ -561,7 +543,7 @@ class HttpNetwork(RaftNetwork):
                 asyncio.timeout(option.hard_ttl),
                 session.head(
                     self.snapshot_url,
-                    headers={**self.factory.headers, "Raft-Snapshot-Id": meta.snapshot_id},
+                    headers={**self.factory.headers, H_SNAPSHOT_ID: meta.snapshot_id},
                     ssl=self.factory.ssl,
                     timeout=self._client_timeout(option),
                 ) as resp,
@@ -569,11 +551,11 @@ class HttpNetwork(RaftNetwork):
                 if resp.status != 200:
                     # HEAD answers carry no body: the next POST reports what is wrong.
                     return 0
-                raw = resp.headers.get("Raft-Snapshot-Offset", "")
+                raw = resp.headers.get(H_SNAPSHOT_OFFSET, "")
                 if not raw.isdigit():
                     raise NetworkError(
                         f"{action}: node {self.target} answered HEAD /snapshot without a "
-                        f"valid Raft-Snapshot-Offset ({raw[:40]!r})",
+                        f"valid {H_SNAPSHOT_OFFSET} ({raw[:40]!r})",
                         target=self.target,
                     )
                 return int(raw)

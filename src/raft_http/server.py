@@ -26,6 +26,18 @@ from aiohttp.typedefs import Middleware
 
 from .errors import APIError, Fatal, RaftError, SnapshotMismatch
 from .network import RaftHandler
+from .protocol import (
+    H_CLUSTER,
+    H_SNAPSHOT_ID,
+    H_SNAPSHOT_META,
+    H_SNAPSHOT_OFFSET,
+    H_SNAPSHOT_SHA256,
+    H_SNAPSHOT_SIZE,
+    H_VOTE,
+    JSON,
+    OCTET_STREAM,
+    SHA256_HEX,
+)
 from .spool import (
     ChecksumConflict,
     OffsetMismatch,
@@ -71,19 +83,15 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_SIZE: Final = 64 * 1024 * 1024
 DEFAULT_READ_CHUNK_SIZE: Final = 256 * 1024
 
-H_CLUSTER: Final = "Raft-Cluster"
-H_VOTE: Final = "Raft-Vote"
-H_META: Final = "Raft-Snapshot-Meta"
-H_SIZE: Final = "Raft-Snapshot-Size"
-H_OFFSET: Final = "Raft-Snapshot-Offset"
-H_ID: Final = "Raft-Snapshot-Id"
-H_SHA256: Final = "Raft-Snapshot-Sha256"
-
-JSON: Final = "application/json"
-OCTETS: Final = "application/octet-stream"
+# Short local names for the protocol's headers (protocol.py spells them).
+H_META: Final = H_SNAPSHOT_META
+H_SIZE: Final = H_SNAPSHOT_SIZE
+H_OFFSET: Final = H_SNAPSHOT_OFFSET
+H_ID: Final = H_SNAPSHOT_ID
+H_SHA256: Final = H_SNAPSHOT_SHA256
+OCTETS: Final = OCTET_STREAM
 
 _COUNT = re.compile(r"[0-9]{1,19}")
-_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +320,7 @@ def _header_sha256(request: web.Request) -> str | None:
     if value is None:
         return None
     value = value.strip()
-    if not _SHA256_HEX.fullmatch(value):
+    if not SHA256_HEX.fullmatch(value.lower()):
         _bad_request(f"invalid header {H_SHA256}: expected 64 hex digits, got {value[:80]!r}")
     return value.lower()
 
