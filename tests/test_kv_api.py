@@ -20,6 +20,7 @@ from raft_http.errors import APIError, Fatal
 from raft_http.kv.api import kv_api
 from raft_http.kv.node import KVNode
 from raft_http.kv.state_machine import KVStateMachine
+from raft_http.raft import LearnerNotCaughtUp, NodeRemoved, NotAllowed, ServerState
 from raft_http.types import LeaderId, LogId, Node
 
 LOG_ID = LogId(LeaderId(1, 1), 7)
@@ -29,6 +30,12 @@ LOG_ID = LogId(LeaderId(1, 1), 7)
 class _Written:
     log_id: LogId
     data: Any
+
+
+@dataclass
+class _Metrics:
+    id: int
+    state: str
 
 
 class _NotLeader(APIError):
@@ -63,9 +70,16 @@ class ScriptedRaft:
         self.calls.append(("ensure_linearizable", None))
         return LOG_ID
 
-    async def add_learner(self, node_id: int, node: Node, blocking: bool = True) -> _Written:
+    async def add_learner(
+        self, node_id: int, node: Node, blocking: bool = True, timeout: float = 60.0
+    ) -> _Written:
         self._maybe_fail()
         self.calls.append(("add_learner", (node_id, node)))
+        return _Written(LOG_ID, None)
+
+    async def remove_learner(self, node_ids: Iterable[int]) -> _Written:
+        self._maybe_fail()
+        self.calls.append(("remove_learner", set(node_ids)))
         return _Written(LOG_ID, None)
 
     async def change_membership(self, voters: Iterable[int], retain: bool = False) -> _Written:
@@ -73,8 +87,10 @@ class ScriptedRaft:
         self.calls.append(("change_membership", set(voters)))
         return _Written(LOG_ID, None)
 
-    def metrics(self) -> dict[str, Any]:
-        return {"id": 1, "state": "Leader"}
+    state = ServerState.LEADER
+
+    def metrics(self) -> Any:
+        return _Metrics(1, self.state)
 
 
 @pytest.fixture
@@ -207,6 +223,47 @@ async def test_add_learner_and_change_membership(client: Any, raft: ScriptedRaft
         ("add_learner", (4, Node("127.0.0.1:21004"))),
         ("change_membership", {1, 2, 3, 4}),
     ]
+
+
+async def test_add_learner_that_does_not_catch_up_is_202_and_says_why(
+    client: Any, raft: ScriptedRaft
+) -> None:
+    raft.fail = LearnerNotCaughtUp(4, LOG_ID, None, "Unreachable: connection refused", 5.0)
+    resp = await client.post("/add-learner", data=b'[4,"127.0.0.1:21004"]')
+    assert resp.status == 202
+    body = await resp.json()
+    assert body["caught_up"] is False
+    assert body["unreachable"] is True
+    assert body["log_id"]["index"] == LOG_ID.index
+    assert body["error"]["kind"] == "learner_not_caught_up"
+    assert "unreachable" in body["error"]["message"]
+    assert "remove_learner" in body["error"]["message"]
+    raft.fail = LearnerNotCaughtUp(4, LOG_ID, LOG_ID, None, 5.0)
+    resp = await client.post("/add-learner", data=b'[4,"127.0.0.1:21004"]')
+    assert resp.status == 202
+    body = await resp.json()
+    assert body["unreachable"] is False
+    assert "still catching up" in body["error"]["message"]
+
+
+async def test_remove_learner(client: Any, raft: ScriptedRaft) -> None:
+    resp = await client.post("/remove-learner", data=b"[4, 5]")
+    assert resp.status == 200
+    assert (await resp.json())["log_id"]["index"] == LOG_ID.index
+    assert raft.calls == [("remove_learner", {4, 5})]
+    await _error(await client.post("/remove-learner", data=b'["x"]'), 400, "bad_request")
+    raft.fail = NotAllowed("nodes [2] are voters; change the membership to remove them")
+    await _error(await client.post("/remove-learner", data=b"[2]"), 409, "not_allowed")
+
+
+async def test_a_removed_node_refuses_reads_and_writes(client: Any, raft: ScriptedRaft) -> None:
+    raft.state = ServerState.REMOVED
+    error = await _error(await client.post("/read", data=b'"foo"'), 409, "node_removed")
+    assert "removed" in error["message"]
+    raft.fail = NodeRemoved(1)
+    await _error(await client.post("/consistent_read", data=b'"foo"'), 409, "node_removed")
+    write = b'{"Set": {"key": "a", "value": "b"}}'
+    await _error(await client.post("/write", data=write), 409, "node_removed")
 
 
 async def test_reads(client: Any, raft: ScriptedRaft) -> None:

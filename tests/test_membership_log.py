@@ -74,3 +74,30 @@ def test_compact_keeps_the_membership_in_force_at_the_purge_point() -> None:
     assert voters_at(log, 6) == [[1, 2]]
     assert voters_at(log, 0) == [[1, 2]], "older history is gone; the base answers"
     assert log.effective.membership == config(1)
+
+
+def test_removed_only_after_being_a_member() -> None:
+    log = MembershipLog()
+    assert not log.removed(4)  # never a member: a pristine node
+    log.track([change(0, 1, 2, 3)])
+    assert not log.removed(4)  # a learner catching up from the start of the log
+    log.track([change(1, 1, 2, 3, 4)])
+    assert not log.removed(4)
+    log.track([change(2, 1, 2, 3)])
+    assert log.removed(4)
+    assert not log.removed(1)
+    log.forget_since(2)  # the removal was truncated: a member again
+    assert not log.removed(4)
+    log.track([change(2, 1, 2, 3)])
+    log.compact(2)  # the base is now the membership without 4
+    assert log.removed(4), "compaction made it forget"
+    assert not log.removed(1)
+    based = MembershipLog(StoredMembership(LogId(LeaderId(1, 1), 5), config(1, 2, 4)))
+    based.track([change(6, 1, 2)])
+    assert based.removed(4)
+    # Past a snapshot, a node in no membership held was removed before it (or is a
+    # learner whose addition comes later in the log).
+    snapshot = MembershipLog(StoredMembership(LogId(LeaderId(1, 1), 5), config(1, 2)))
+    assert snapshot.removed(4)
+    snapshot.track([change(6, 1, 2, 4)])
+    assert not snapshot.removed(4)

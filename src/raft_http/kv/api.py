@@ -5,6 +5,7 @@ Routes (bodies are JSON; answers are JSON; errors are ``{"error": {"kind", "mess
 - ``POST /init`` ``[[1, "127.0.0.1:21001"], ...]`` (``[]``: a cluster of this node alone)
 - ``POST /add-learner`` ``[4, "127.0.0.1:21004"]``
 - ``POST /change-membership`` ``[1, 2, 3, 4]``
+- ``POST /remove-learner`` ``[4]`` (learners only; voters leave by ``/change-membership``)
 - ``POST /write`` ``{"Set": {"key": "foo", "value": "bar"}}`` or ``{"Delete": {"key": "foo"}}``
 - ``POST /read`` ``"foo"`` (local, may be stale)
 - ``POST /consistent_read`` ``"foo"`` (linearizable: confirmed by a quorum first)
@@ -34,6 +35,8 @@ from msgspec import Meta, Struct
 
 from ..client import parse_node_address
 from ..errors import APIError, Fatal, RaftError
+from ..raft.errors import LearnerNotCaughtUp, NodeRemoved
+from ..raft.metrics import ServerState
 from ..types import LogId, Node, NodeId, encode_json
 from .intake import (
     ADMIN_MAX_BODY_SIZE,
@@ -74,7 +77,11 @@ class RaftAPI(Protocol):
 
     async def ensure_linearizable(self) -> LogId | None: ...
 
-    async def add_learner(self, node_id: int, node: Node, blocking: bool = True) -> Any: ...
+    async def add_learner(
+        self, node_id: int, node: Node, blocking: bool = True, timeout: float = 60.0
+    ) -> Any: ...
+
+    async def remove_learner(self, node_ids: Iterable[int]) -> Any: ...
 
     async def change_membership(self, voters: Iterable[int], retain: bool = False) -> Any: ...
 
@@ -176,6 +183,7 @@ class KVApi:
             web.post("/init", self.init),
             web.post("/add-learner", self.add_learner),
             web.post("/change-membership", self.change_membership),
+            web.post("/remove-learner", self.remove_learner),
             web.post("/write", self.write),
             web.post("/read", self.read),
             web.post("/consistent_read", self.consistent_read),
@@ -259,7 +267,29 @@ class KVApi:
         async def action() -> web.Response:
             node_id, addr = await self._body(request, _LEARNER_DECODER)
             _check_address(addr, "$[1]")
-            resp = await self.raft.add_learner(node_id, Node(addr), blocking=True)
+            # Half the answer's deadline for catching up: the rest is for the change itself.
+            wait = self.write_timeout / 2
+            try:
+                resp = await self.raft.add_learner(node_id, Node(addr), blocking=True, timeout=wait)
+            except LearnerNotCaughtUp as e:
+                # Added, but not caught up: 202, and whether it is unreachable.
+                body = {
+                    "log_id": e.log_id,
+                    "caught_up": False,
+                    "unreachable": e.unreachable,
+                    "error": {"kind": e.kind, "message": e.message},
+                }
+                return web.Response(
+                    status=202, body=encode_json(body), content_type="application/json"
+                )
+            return _json({"log_id": resp.log_id, "data": resp.data})
+
+        return await self._call(request, action)
+
+    async def remove_learner(self, request: web.Request) -> web.Response:
+        async def action() -> web.Response:
+            node_ids = await self._body(request, _VOTERS_DECODER)
+            resp = await self.raft.remove_learner(set(node_ids))
             return _json({"log_id": resp.log_id, "data": resp.data})
 
         return await self._call(request, action)
@@ -289,6 +319,8 @@ class KVApi:
     async def read(self, request: web.Request) -> web.Response:
         async def action() -> web.Response:
             key = await self._body(request, _KEY_DECODER)
+            if getattr(self.raft.metrics(), "state", None) == ServerState.REMOVED:
+                raise NodeRemoved(self.node_id)  # its data is stale for good
             return _json(ValueResponse(self.state_machine.get(key)))
 
         return await self._call(request, action)

@@ -1,7 +1,15 @@
 """A Raft core behind the transport: it speaks to peers only through ``raft_http.network``."""
 
 from .config import Config
-from .errors import ForwardToLeader, NotAllowed, QuorumNotEnough, WriteAborted, WriteOutcomeUnknown
+from .errors import (
+    ForwardToLeader,
+    LearnerNotCaughtUp,
+    NodeRemoved,
+    NotAllowed,
+    QuorumNotEnough,
+    WriteAborted,
+    WriteOutcomeUnknown,
+)
 from .memory_store import MemoryLogStore
 from .metrics import RaftMetrics, ServerState
 from .node import ClientWriteResponse, Raft
@@ -13,9 +21,11 @@ __all__ = [
     "ClientWriteResponse",
     "Config",
     "ForwardToLeader",
+    "LearnerNotCaughtUp",
     "LogState",
     "LogStore",
     "MemoryLogStore",
+    "NodeRemoved",
     "NotAllowed",
     "QuorumNotEnough",
     "Raft",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import APIError
-from ..types import Node
+from ..types import LogId, Node, log_index
 
 
 class ForwardToLeader(APIError):
@@ -29,6 +29,56 @@ class NotAllowed(APIError):
 
     def __init__(self, message: str) -> None:
         super().__init__("not_allowed", message)
+
+
+class NodeRemoved(APIError):
+    """This node was removed from the cluster's membership: it serves no reads or writes.
+
+    It keeps its data and still answers the leader's RPCs (it may be added back). To
+    rejoin under a new id, wipe its data directory and add it as a learner again.
+    """
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(
+            "node_removed",
+            f"node {node_id} was removed from the cluster's membership; it serves no reads "
+            "or writes: send requests to a member",
+        )
+        self.node_id = node_id
+
+
+class LearnerNotCaughtUp(APIError):
+    """``add_learner`` added the learner (its membership entry is committed), but the
+    learner did not catch up within the wait: ``unreachable`` says whether the last
+    attempt to reach it failed (``problem``), or it is still catching up (``matched``).
+
+    The learner stays in the membership, and the leader keeps replicating to it;
+    ``remove_learner`` takes it out.
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        log_id: LogId,
+        matched: LogId | None,
+        problem: str | None,
+        waited: float,
+    ) -> None:
+        if problem is not None:
+            state = f"it is unreachable ({problem})"
+        else:
+            state = f"it is still catching up (holds up to index {log_index(matched)})"
+        super().__init__(
+            "learner_not_caught_up",
+            f"node {node_id} was added as a learner at log index {log_id.index}, but did not "
+            f"catch up within {waited:g}s: {state}; wait for it, or remove it with "
+            f"remove_learner",
+        )
+        self.node_id = node_id
+        self.log_id = log_id
+        self.matched = matched
+        self.problem = problem
+        self.unreachable = problem is not None
 
 
 class QuorumNotEnough(APIError):

@@ -14,6 +14,8 @@ class ServerState(StrEnum):
     CANDIDATE = "Candidate"
     LEADER = "Leader"
     LEARNER = "Learner"
+    REMOVED = "Removed"
+    """Removed from the membership: serves nothing, does not campaign, still takes the log."""
     SHUTDOWN = "Shutdown"
 
 

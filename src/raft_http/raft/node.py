@@ -66,12 +66,15 @@ from .engine.membership import (
     MembershipLog,
     plan_add_learner,
     plan_change,
+    plan_remove_learners,
     voter_set,
 )
 from .engine.policy import purge_upto, snapshot_due
 from .engine.quorum import quorum_acked_at
 from .errors import (
     ForwardToLeader,
+    LearnerNotCaughtUp,
+    NodeRemoved,
     NotAllowed,
     QuorumNotEnough,
     WriteAborted,
@@ -298,6 +301,9 @@ class Raft:
             return
         if self._state is ServerState.CANDIDATE:
             return
+        if self._memberships.removed(self.id):
+            self._state = ServerState.REMOVED
+            return
         voter = self.membership.membership.is_voter(self.id)
         self._state = ServerState.FOLLOWER if voter else ServerState.LEARNER
 
@@ -333,7 +339,7 @@ class Raft:
             committed=self.committed,
             snapshot=self._snapshot.last_log_id if self._snapshot else None,
             purged=self.log.last_purged,
-            current_leader=self._leader_id,
+            current_leader=None if self._state is ServerState.REMOVED else self._leader_id,
             membership_config=self.membership,
             replication=replication,
             since_quorum_ack=since_quorum_ack,
@@ -375,6 +381,7 @@ class Raft:
             now = self._loop.time()
             if self._leader is not None:
                 await self._check_quorum(self._leader, now)
+                self._sync_replicators()  # stop those to removed nodes that became unreachable
                 await asyncio.sleep(self.config.election_timeout_min)
                 continue
             if not self.config.enable_elect:
@@ -714,8 +721,16 @@ class Raft:
         if leader is None:
             return
         nodes = self.membership.membership.nodes
-        for target in [t for t in leader.replicators if t not in nodes]:
-            leader.replicators.pop(target).stop("removed from membership")
+        # A node the effective membership removes keeps its stream until that membership
+        # is committed and the node holds it (or cannot be reached): it then knows it was
+        # removed (Openraft does the same), and the leader does not retry it forever.
+        removal = log_index(self.membership.log_id)
+        removal_committed = removal <= log_index(self.committed)
+        for target, replicator in list(leader.replicators.items()):
+            if target in nodes or not removal_committed:
+                continue
+            if log_index(replicator.matching) >= removal or replicator.failing:
+                leader.replicators.pop(target).stop("removed from membership")
         for target, node in nodes.items():
             if target != self.id and target not in leader.replicators:
                 network = self.network.new_client(target, node)
@@ -795,6 +810,8 @@ class Raft:
         if index is not None:
             self.committed = self.log.log_id_at(index)
             self._commit_event.set()
+            if leader.replicators.keys() - self.membership.membership.nodes.keys():
+                self._sync_replicators()
 
     # --- applying committed entries -----------------------------------------------------
 
@@ -899,6 +916,8 @@ class Raft:
     def _require_leader(self) -> _LeaderState:
         self._check_running()
         if self._leader is None:
+            if self._state is ServerState.REMOVED:
+                raise NodeRemoved(self.id)
             raise ForwardToLeader(self._leader_id, self._leader_node())
         return self._leader
 
@@ -968,7 +987,12 @@ class Raft:
     async def add_learner(
         self, node_id: int, node: Node, blocking: bool = True, timeout: float = 60.0
     ) -> ClientWriteResponse:
-        """Add a non-voting member; with ``blocking``, return once it has caught up."""
+        """Add a non-voting member; with ``blocking``, return once it has caught up.
+
+        If it has not caught up within ``timeout`` seconds, ``LearnerNotCaughtUp`` says
+        so, and whether it is unreachable: it is a member all the same (the leader keeps
+        replicating to it) until ``remove_learner`` takes it out.
+        """
         self._require_leader()
         async with self._membership_lock:
             await self._wait_membership_committed()
@@ -981,18 +1005,51 @@ class Raft:
                 response = await self._propose(MembershipChange(membership))
         if blocking:
             target = response.log_id.index
-            await self.wait_for(
-                lambda m: m.replication is None or log_index(m.replication.get(node_id)) >= target,
-                timeout,
-                f"learner {node_id} to catch up",
-            )
+            try:
+                await self.wait_for(
+                    lambda m: (
+                        m.replication is None or log_index(m.replication.get(node_id)) >= target
+                    ),
+                    timeout,
+                    f"learner {node_id} to catch up",
+                )
+            except TimeoutError:
+                leader = self._require_leader()
+                replicator = leader.replicators.get(node_id)
+                matched = replicator.matching if replicator else None
+                problem = replicator.problem if replicator else None
+                raise LearnerNotCaughtUp(
+                    node_id, response.log_id, matched, problem, timeout
+                ) from None
             self._require_leader()
         return response
+
+    async def remove_learner(self, node_ids: Iterable[int]) -> ClientWriteResponse:
+        """Take learners out of the membership (Openraft's ``ChangeMembers::RemoveNodes``).
+
+        Voters cannot be removed this way (``NotAllowed``): ``change_membership`` without
+        them first. Ids that are not members are ignored; with none left, nothing is
+        proposed and the current membership's log id is returned.
+        """
+        ids = set(node_ids)
+        self._require_leader()
+        async with self._membership_lock:
+            await self._wait_membership_committed()
+            current = self.membership
+            membership = plan_remove_learners(current.membership, ids)
+            if membership is None:
+                assert current.log_id is not None
+                return ClientWriteResponse(current.log_id)
+            return await self._propose(MembershipChange(membership))
 
     async def change_membership(
         self, voters: Iterable[int], retain: bool = False
     ) -> ClientWriteResponse:
-        """Make ``voters`` the voters via a joint config; ``retain`` keeps removed voters."""
+        """Make ``voters`` the voters via a joint config (see ``engine.membership.plan_change``).
+
+        Learners stay learners. A voter not in ``voters`` leaves the membership, unless
+        ``retain``: then it stays on as a learner (``remove_learner`` removes it later).
+        """
         new_voters = voter_set(voters)
         self._require_leader()
         async with self._membership_lock:

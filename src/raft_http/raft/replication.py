@@ -54,12 +54,19 @@ class Replicator:
         self.progress = Progress(raft.log.last_index + 1, raft.config.max_payload_entries)
         self.wake = asyncio.Event()
         self._problem: str | None = None
+        self.problem: str | None = None
+        """The error of the last attempt when it failed to reach the target, else None."""
         self.closed: asyncio.Future[ReplicationClosed] = asyncio.get_running_loop().create_future()
         self.task = asyncio.create_task(self._run(), name=f"raft-{raft.id}-replicate-{target}")
 
     @property
     def matching(self) -> LogId | None:
         return self.progress.matching
+
+    @property
+    def failing(self) -> bool:
+        """The last attempt to reach the target failed (unreachable, refused, timed out)."""
+        return self.problem is not None
 
     @property
     def entries_limit(self) -> int:
@@ -90,6 +97,7 @@ class Replicator:
                 self._trouble(f"payload too large, now {self.entries_limit} entries per request")
             except (Unreachable, RemoteError) as e:
                 self.progress.failed()
+                self.problem = f"{type(e).__name__}: {e}"
                 # Down, stopped (Fatal) or refusing us (token, cluster): back off.
                 backoff = backoff or self.network.backoff()
                 delay = next(backoff)
@@ -97,10 +105,12 @@ class Replicator:
                 await asyncio.sleep(delay)
             except RaftHttpError as e:  # Timeout, NetworkError, ...: the next try may work
                 self.progress.failed()
+                self.problem = f"{type(e).__name__}: {e}"
                 self._trouble(f"{type(e).__name__}: {e}")
                 await asyncio.sleep(heartbeat)
             else:
                 backoff = None
+                self.problem = None
                 if self._problem is not None:
                     log.info("replication to node %s recovered", self.target)
                     self._problem = None
