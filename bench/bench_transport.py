@@ -99,7 +99,7 @@ def append_request(n: int, first: int = 1) -> AppendEntriesRequest:
     for i in range(first, first + n):
         command = msgspec.json.encode({"op": "set", "key": f"key-{i:08d}", "value": "v" * 56})
         entries.append(Entry(log_id(i), Normal(msgspec.Raw(command))))
-    prev = log_id(first - 1) if first > 1 else None
+    prev = log_id(first - 1) if first > 0 else None
     return AppendEntriesRequest(VOTE, prev, entries, prev)
 
 

@@ -19,6 +19,7 @@ from typing import BinaryIO
 from aiohttp import web
 
 from raft_http.server import raft_app
+from raft_http.serving import runner_options
 from raft_http.types import (
     AppendEntriesRequest,
     AppendEntriesResponse,
@@ -129,6 +130,7 @@ def main() -> None:
         host=args.host,
         port=args.port,
         print=announce,
+        **runner_options(),  # compressed or malformed requests: cheap JSON refusals
     )
 
 

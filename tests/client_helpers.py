@@ -50,7 +50,8 @@ except ImportError:
 
 def append_request(n_entries: int = 0, term: int = 1) -> AppendEntriesRequest:
     entries = [Entry(log_id(term, i), Blank()) for i in range(1, n_entries + 1)]
-    return AppendEntriesRequest(vote(term), None, entries, log_id(term, 0) if n_entries else None)
+    prev = log_id(term, 0) if n_entries else None
+    return AppendEntriesRequest(vote(term), prev, entries, prev)
 
 
 def vote_request(term: int = 2) -> VoteRequest:

@@ -96,15 +96,17 @@ def _valid_vote_request() -> dict[str, Any]:
 
 
 def _valid_append() -> dict[str, Any]:
-    lid = {"leader_id": {"term": 2, "node_id": 1}, "index": 5}
+    def lid(index: int) -> dict[str, Any]:
+        return {"leader_id": {"term": 2, "node_id": 1}, "index": index}
+
     return {
         "vote": {"leader_id": {"term": 2, "node_id": 1}, "committed": True},
         "prev_log_id": {"leader_id": {"term": 1, "node_id": 1}, "index": 4},
         "entries": [
-            {"log_id": lid, "payload": {"type": "normal", "data": {"set": ["k", "v"]}}},
-            {"log_id": lid, "payload": {"type": "blank"}},
+            {"log_id": lid(5), "payload": {"type": "normal", "data": {"set": ["k", "v"]}}},
+            {"log_id": lid(6), "payload": {"type": "blank"}},
             {
-                "log_id": lid,
+                "log_id": lid(7),
                 "payload": {
                     "type": "membership",
                     "membership": {"configs": [[1, 2]], "nodes": {"1": {"addr": "h:1"}}},
@@ -123,6 +125,11 @@ def _valid_chunk() -> dict[str, Any]:
         "data": "YWJj",
         "done": True,
     }
+
+
+def _malformed_append(body: bytes) -> bool:
+    """Decodes, but no leader could have sent it (indexes, terms): the server refuses it."""
+    return APPEND_ENTRIES_REQUEST.decode(body).shape_error() is not None
 
 
 ROUTES: dict[str, tuple[Callable[[], dict[str, Any]], JsonCodec[Any]]] = {
@@ -267,7 +274,7 @@ async def test_json_routes_answer_200_only_to_what_the_codec_accepts(
     codec = ROUTES[route][1]
     resp = await client.post(route, data=body, headers={"Content-Type": ctype})
     event(f"{route} {resp.status}")
-    if not _decodes(codec, body):
+    if not _decodes(codec, body) or (route == "/append" and _malformed_append(body)):
         error = await assert_json_error(resp, 400)
         assert error["kind"] == "bad_request"
         assert handler.calls == []

@@ -93,7 +93,7 @@ def append_body(term: int = 2) -> bytes:
     rpc = AppendEntriesRequest(
         vote=vote(term),
         prev_log_id=log_id(1, 4),
-        entries=[Entry(log_id(2, 5), Normal(data=msgspec.Raw(b'{"set":["k","v"]}')))],
+        entries=[Entry(log_id(term, 5), Normal(data=msgspec.Raw(b'{"set":["k","v"]}')))],
         leader_commit=log_id(1, 4),
     )
     return APPEND_ENTRIES_REQUEST.encode(rpc)

@@ -53,11 +53,11 @@ LIGHT = settings(max_examples=40, deadline=None)  # for the tests run once per c
 
 # --- Strategies ---------------------------------------------------------------------
 
-U63 = st.integers(min_value=0, max_value=2**63 - 1)
+U63 = st.integers(min_value=0, max_value=t.MAX_NODE_ID)
 SMALL = st.integers(min_value=0, max_value=5)  # collisions make the order properties bite
-terms = st.one_of(SMALL, U63)
+terms = st.one_of(SMALL, st.integers(min_value=0, max_value=t.MAX_TERM))
 node_ids = st.one_of(SMALL, U63)
-indexes = st.one_of(SMALL, U63)
+indexes = st.one_of(SMALL, st.integers(min_value=0, max_value=t.MAX_INDEX))
 
 leader_ids = st.builds(LeaderId, term=terms, node_id=node_ids)
 votes = st.builds(Vote, leader_id=leader_ids, committed=st.booleans())
@@ -332,6 +332,58 @@ def test_negative_term_or_index_is_rejected_naming_the_path(
         assert f"`{path}`" in str(info.value)
 
     check()
+
+
+@pytest.mark.parametrize(
+    ("codec", "body", "path"),
+    [
+        (
+            t.VOTE_REQUEST,
+            b'{"vote":{"leader_id":{"term":9223372036854775807,"node_id":2}},"last_log_id":null}',
+            "$.vote.leader_id.term",
+        ),
+        (
+            t.VOTE_REQUEST,
+            b'{"vote":{"leader_id":{"term":1,"node_id":9223372036854775808}},"last_log_id":null}',
+            "$.vote.leader_id.node_id",
+        ),
+        (
+            t.ENTRY,
+            b'{"log_id":{"leader_id":{"term":1,"node_id":1},"index":9223372036854775807},'
+            b'"payload":{"type":"blank"}}',
+            "$.log_id.index",
+        ),
+        (
+            t.MEMBERSHIP,
+            b'{"configs":[[1]],"nodes":{"9223372036854775808":{"addr":"a:1"}}}',
+            "key` in `$.nodes",
+        ),
+        (
+            t.MEMBERSHIP,
+            b'{"configs":[[18446744073709551615]],"nodes":{}}',
+            "$.configs[0][0]",
+        ),
+    ],
+)
+def test_values_the_store_cannot_hold_are_rejected_naming_the_field(
+    codec: JsonCodec[Any], body: bytes, path: str
+) -> None:
+    """SQLite holds signed 64-bit integers; a term must leave room for a candidate's +1."""
+    with pytest.raises(msgspec.ValidationError, match=r"<= ") as info:
+        codec.decode(body)
+    assert f"`{path}`" in str(info.value)
+
+
+def test_the_greatest_values_the_store_can_hold_are_accepted() -> None:
+    body = (
+        b'{"vote":{"leader_id":{"term":%d,"node_id":%d}},"last_log_id":'
+        b'{"leader_id":{"term":%d,"node_id":0},"index":%d}}'
+        % (t.MAX_TERM, t.MAX_NODE_ID, t.MAX_TERM, t.MAX_INDEX)
+    )
+    rpc = t.VOTE_REQUEST.decode(body)
+    assert rpc.vote.leader_id == LeaderId(2**63 - 2, 2**63 - 1)
+    assert rpc.last_log_id is not None
+    assert rpc.last_log_id.index == 2**63 - 2
 
 
 def test_negative_term_error_message_names_the_field() -> None:

@@ -32,6 +32,7 @@ from .errors import (
     RemoteError,
     ReplicationClosed,
     SnapshotMismatch,
+    SnapshotRejected,
     SnapshotTransferError,
     Timeout,
     Unreachable,
@@ -159,6 +160,8 @@ def _raft_error(detail: ErrorDetail) -> RaftError:
     """The Raft error a JSON error body stands for."""
     if detail.kind == "fatal":
         return Fatal(detail.message)
+    if detail.kind == "snapshot_rejected":
+        return SnapshotRejected(detail.message)
     if detail.kind == "snapshot_mismatch":
         try:
             return SnapshotMismatch(_segment(detail.expect), _segment(detail.got))

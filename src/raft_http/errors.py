@@ -52,6 +52,22 @@ class APIError(RaftError):
         self.data = data
 
 
+class InvalidRequest(RaftError):
+    """The request is malformed, or contradicts what the node has committed (a 400).
+
+    No honest leader sends it: retrying it as it stands is pointless, and the node that
+    refused it keeps running with its state unchanged.
+    """
+
+
+class SnapshotRejected(RaftError):
+    """The state machine could not install the snapshot's data (a 422).
+
+    Nothing changed on the receiver: its state machine, log and snapshot files are as
+    they were. The sender may retry later, or rebuild the snapshot.
+    """
+
+
 class InstallSnapshotError(RaftError):
     """The deprecated per-chunk snapshot protocol was misused."""
 

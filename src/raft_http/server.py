@@ -23,8 +23,16 @@ from typing import Any, BinaryIO, Final, NoReturn, TypeVar
 import msgspec
 from aiohttp import ClientPayloadError, hdrs, web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
-from .errors import APIError, Fatal, RaftError, SnapshotMismatch
+from .errors import (
+    APIError,
+    Fatal,
+    InvalidRequest,
+    RaftError,
+    SnapshotMismatch,
+    SnapshotRejected,
+)
 from .network import RaftHandler
 from .protocol import (
     H_CLUSTER,
@@ -200,6 +208,10 @@ async def _errors_middleware(request: web.Request, handler: _Handler) -> web.Str
                 got=_segment(*exc.got),
             ),
         )
+    except InvalidRequest as exc:
+        return _error_response(request, _Problem(400, "bad_request", str(exc)))
+    except SnapshotRejected as exc:
+        return _error_response(request, _Problem(422, "snapshot_rejected", str(exc)))
     except APIError as exc:
         return _error_response(request, _Problem(503, "raft_error", f"{exc.kind}: {exc.message}"))
     except RaftError as exc:
@@ -208,6 +220,10 @@ async def _errors_middleware(request: web.Request, handler: _Handler) -> web.Str
         # The peer is gone (or garbled its body): nobody will read this answer.
         log.info("%s %s: connection lost while reading: %s", request.method, request.path, exc)
         return _error_response(request, _Problem(400, "bad_request", "connection lost"))
+    except RequestPayloadError as exc:
+        # aiohttp could not decode the body as sent (a broken chunked or compressed body).
+        log.debug("%s %s: unreadable body: %s", request.method, request.path, exc)
+        return _error_response(request, _Problem(400, "bad_request", f"unreadable body: {exc}"))
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
         return _error_response(
@@ -241,9 +257,26 @@ def _auth_middleware(token: str | None, cluster: str | None) -> Middleware:
                     "cluster_mismatch",
                     f"this node serves cluster {cluster!r}, request says {given_cluster!r}",
                 )
+        _refuse_content_encoding(request)
         return await handler(request)
 
     return auth
+
+
+def _refuse_content_encoding(request: web.Request) -> None:
+    """Bodies travel uncompressed: a compressed one is refused before a byte is read.
+
+    Decompressing would make every size limit a limit on the compressed form (a small
+    gzip body can inflate to gigabytes), and Raft's payloads are mostly incompressible
+    snapshot bytes or small JSON anyway.
+    """
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise _Problem(
+            415,
+            "unsupported_media_type",
+            f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed",
+        )
 
 
 # --- reading -----------------------------------------------------------------------
@@ -295,6 +328,8 @@ def _decode(codec: JsonCodec[_T], body: bytes) -> _T:
         return codec.decode(body)
     except msgspec.DecodeError as exc:  # ValidationError too: its message names the path
         _bad_request(str(exc))
+    except RecursionError:  # msgspec walks nested arrays even where it keeps them Raw
+        _bad_request("JSON nested too deeply")
 
 
 def _header(request: web.Request, name: str) -> str:
@@ -312,6 +347,8 @@ def _header_json(request: web.Request, name: str, codec: JsonCodec[_T]) -> _T:
         _bad_request(f"invalid header {name}: not UTF-8")
     except msgspec.DecodeError as exc:
         _bad_request(f"invalid header {name}: {exc}")
+    except RecursionError:
+        _bad_request(f"invalid header {name}: JSON nested too deeply")
 
 
 def _header_sha256(request: web.Request) -> str | None:
@@ -341,6 +378,8 @@ class _Routes:
     @staticmethod
     async def append(request: web.Request) -> web.Response:
         rpc = await _json_body(request, APPEND_ENTRIES_REQUEST)
+        if (why := rpc.shape_error()) is not None:
+            _bad_request(why)
         return _json(APPEND_ENTRIES_RESPONSE, await request.app[RAFT_HANDLER].append_entries(rpc))
 
     @staticmethod

@@ -6,7 +6,9 @@ package defines a wire shape: the server, the client and the Raft core all speak
 these types, and the codecs at the bottom are built once at import time.
 
 Unknown JSON fields are ignored (a newer peer may send more during a rolling
-upgrade); terms and indexes are range-checked on decode.
+upgrade); terms, indexes and node ids are range-checked on decode against what
+the log store can hold (``MAX_TERM``, ``MAX_INDEX``, ``MAX_NODE_ID``), so no value
+from the wire can overflow it.
 """
 
 from __future__ import annotations
@@ -17,11 +19,24 @@ from typing import Annotated, Any, BinaryIO, Final, Generic, TypeAlias, TypeVar
 import msgspec
 from msgspec import Meta, Raw, Struct
 
-NodeId: TypeAlias = Annotated[int, Meta(ge=0)]
-"""A node's id; non-negative, like Openraft's ``u64``."""
+MAX_NODE_ID: Final = 2**63 - 1
+"""The greatest node id: what a signed 64-bit integer (SQLite's ``INTEGER``) holds."""
 
-Term: TypeAlias = Annotated[int, Meta(ge=0)]
-Index: TypeAlias = Annotated[int, Meta(ge=0)]
+MAX_TERM: Final = 2**63 - 2
+"""The greatest term on the wire: one below what the store holds, room for a candidate's ``+1``.
+
+A node never campaigns past it (the core checks), so every term a node can send is
+one its peers accept, and no value from the wire can overflow the log store.
+"""
+
+MAX_INDEX: Final = 2**63 - 2
+"""The greatest log index on the wire: one below what the store holds, room for the next index."""
+
+NodeId: TypeAlias = Annotated[int, Meta(ge=0, le=MAX_NODE_ID)]
+"""A node's id: ``0 ..= 2**63 - 1``, what the store can hold (Openraft's is a ``u64``)."""
+
+Term: TypeAlias = Annotated[int, Meta(ge=0, le=MAX_TERM)]
+Index: TypeAlias = Annotated[int, Meta(ge=0, le=MAX_INDEX)]
 
 
 class LeaderId(Struct, frozen=True, order=True):
@@ -180,6 +195,40 @@ class AppendEntriesRequest(Struct, frozen=True):
     entries: list[Entry]
     leader_commit: LogId | None
 
+    def shape_error(self) -> str | None:
+        """Why no honest leader could have sent this request, whatever our log holds; or None.
+
+        A leader sends entries with indexes contiguous from ``prev_log_id + 1``, terms that
+        never decrease, and nothing from a term above its own vote. A request that breaks
+        this is malformed (a 400), not a reason to stop the node that received it.
+        """
+        term = self.vote.leader_id.term
+        prev = self.prev_log_id
+        if prev is not None and prev.leader_id.term > term:
+            return f"prev_log_id is of term {prev.leader_id.term}, above the sender's vote {term}"
+        if self.leader_commit is not None and self.leader_commit.leader_id.term > term:
+            return (
+                f"leader_commit is of term {self.leader_commit.leader_id.term},"
+                f" above the sender's vote {term}"
+            )
+        expected = log_index(prev) + 1
+        last_term = 0 if prev is None else prev.leader_id.term
+        for i, entry in enumerate(self.entries):
+            log_id = entry.log_id
+            if log_id.index != expected:
+                return (
+                    f"entries[{i}].log_id.index is {log_id.index}, expected {expected}:"
+                    " indexes must run on from prev_log_id + 1"
+                )
+            entry_term = log_id.leader_id.term
+            if entry_term < last_term:
+                return f"entries[{i}] is of term {entry_term}, below {last_term} before it"
+            if entry_term > term:
+                return f"entries[{i}] is of term {entry_term}, above the sender's vote {term}"
+            expected += 1
+            last_term = entry_term
+        return None
+
 
 class Success(Struct, frozen=True, tag="success"):
     """Every entry matched or was appended."""
@@ -258,7 +307,7 @@ class InstallSnapshotRequest(Struct, frozen=True):
 
     vote: Vote
     meta: SnapshotMeta
-    offset: Annotated[int, Meta(ge=0)]
+    offset: Annotated[int, Meta(ge=0, le=2**63 - 1)]
     data: bytes
     done: bool
 

@@ -23,6 +23,7 @@ from ..client import HttpNetworkFactory
 from ..network import RaftNetwork, RaftNetworkFactory
 from ..raft import Config, Raft, SnapshotStore, SqliteLogStore
 from ..server import raft_app
+from ..serving import runner_options
 from ..types import Node
 from .api import KV_API, base_url, kv_api
 from .state_machine import KVStateMachine
@@ -155,7 +156,7 @@ class KVNode:
                 spool_dir=self.data_dir / "spool",
             ),
         )
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_options())
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.server_ssl)
         await site.start()

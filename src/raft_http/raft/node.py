@@ -23,9 +23,11 @@ from typing import Any, BinaryIO, Final, TypeVar
 import msgspec
 from msgspec import Struct
 
-from ..errors import Fatal, RaftHttpError
+from ..errors import Fatal, InvalidRequest, RaftHttpError, SnapshotRejected
 from ..network import RaftNetworkFactory, RPCOption
 from ..types import (
+    MAX_INDEX,
+    MAX_TERM,
     AppendEntriesRequest,
     AppendEntriesResponse,
     Blank,
@@ -423,6 +425,12 @@ class Raft:
 
     async def _elect(self) -> None:
         term = campaign_term(self._vote.term, self._term_hint)
+        if term > MAX_TERM:
+            # Only a peer that forged a huge term gets us here; campaigning would overflow.
+            log.error(
+                "node %s cannot campaign: term %s is past the greatest, %s", self.id, term, MAX_TERM
+            )
+            return
         candidate = Vote(LeaderId(term, self.id))
         if not await self._collect_votes(candidate, pre_vote=True):
             return
@@ -601,6 +609,8 @@ class Raft:
         self._check_running()
         async with self._lock:
             self._check_running()
+            if (malformed := rpc.shape_error()) is not None:
+                raise InvalidRequest(malformed)
             if not await self._accept_leader(rpc.vote):
                 return HigherVote(self._vote)
             prev = rpc.prev_log_id
@@ -642,7 +652,17 @@ class Raft:
         conflict, new = plan_append(self.log, entries)
         if conflict is not None:
             if conflict <= log_index(self.committed):
-                raise StorageError(f"leader sent an entry at {conflict} over {self.committed}")
+                # No honest leader does this (Leader Completeness): refuse, keep running.
+                log.error(
+                    "node %s refused an append that replaces committed entry %s with %s",
+                    self.id,
+                    self.log.log_id_at(conflict),
+                    new[0].log_id,
+                )
+                raise InvalidRequest(
+                    f"entry {new[0].log_id} would replace committed entry"
+                    f" {self.log.log_id_at(conflict)}"
+                )
             await self.log_store.truncate(conflict)
             self.log.truncate(conflict)
             self._memberships.forget_since(conflict)
@@ -664,28 +684,40 @@ class Raft:
             meta = snapshot.meta
             if log_id_key(meta.last_log_id) <= log_id_key(self.committed):
                 return SnapshotResponse(self._vote)
-            try:
-                # _sm_lock: no snapshot build of our own may start while this one lands.
-                async with self._sm_lock:
+            # _sm_lock: no snapshot build of our own may start while this one lands.
+            async with self._sm_lock:
+                # The state machine first: data it refuses must change nothing, neither
+                # the snapshot files (a restart would load them) nor the log.
+                await self._install_state_machine(meta, snapshot.data)
+                try:
                     await self.snapshot_store.save_from(meta, snapshot.data)
-                    await self._install_snapshot(meta)
-            except StorageError as e:
-                self.fail(f"installing snapshot {meta.snapshot_id} failed: {e}")
-                raise Fatal(str(e)) from e
+                    await self._adopt_snapshot(meta)
+                except StorageError as e:
+                    self.fail(f"installing snapshot {meta.snapshot_id} failed: {e}")
+                    raise Fatal(str(e)) from e
             self._notify()
             return SnapshotResponse(self._vote)
 
-    async def _install_snapshot(self, meta: SnapshotMeta) -> None:
-        """With both locks held: replace the state machine and make the log follow ``meta``."""
+    async def _install_state_machine(self, meta: SnapshotMeta, data: BinaryIO) -> None:
+        """With both locks held: load ``data`` into the state machine, or change nothing."""
+        try:
+            if data.seekable():
+                data.seek(0)  # a cheap lseek: the reader may have left it anywhere
+            await self.state_machine.install_snapshot(data)
+        except Exception as exc:
+            log.warning(
+                "node %s: the state machine refused snapshot %s: %r", self.id, meta.snapshot_id, exc
+            )
+            raise SnapshotRejected(
+                f"snapshot {meta.snapshot_id!r}: the state machine refused its data: {exc}"
+            ) from exc
+
+    async def _adopt_snapshot(self, meta: SnapshotMeta) -> None:
+        """With both locks held, the state machine installed and ``meta`` saved: follow it."""
         last = meta.last_log_id
         assert last is not None
-        stored = await self.snapshot_store.open_latest()
-        if stored is None or stored.meta != meta:
+        if await self.snapshot_store.latest() != meta:
             raise StorageError(f"snapshot {meta.snapshot_id} not found after saving it")
-        try:
-            await self.state_machine.install_snapshot(stored.data)
-        finally:
-            await asyncio.to_thread(stored.data.close)
         await self._align_log_with_snapshot(last, purge=True)
         self._fail_waiters(
             lambda i: i <= last.index,
@@ -760,6 +792,11 @@ class Raft:
     ) -> None:
         leader_id = self._vote.leader_id
         first = self.log.last_index + 1
+        if first + len(batch) - 1 > MAX_INDEX:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(NotAllowed(f"the log is full: no index past {MAX_INDEX}"))
+            return
         entries = [Entry(LogId(leader_id, first + i), p) for i, (p, _) in enumerate(batch)]
         try:
             await self.log_store.append(entries)

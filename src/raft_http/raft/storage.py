@@ -90,5 +90,10 @@ class StateMachine(Protocol):
         ...
 
     async def install_snapshot(self, data: BinaryIO) -> None:
-        """Replace the whole state with the snapshot read from ``data``."""
+        """Replace the whole state with the snapshot read from ``data``, or change nothing.
+
+        Raise if ``data`` is not a snapshot this state machine can load, leaving the
+        current state exactly as it was: the core then refuses the snapshot
+        (``SnapshotRejected``) and keeps its own snapshot and log untouched.
+        """
         ...
