@@ -269,7 +269,16 @@ async def test_a_snapshot_the_state_machine_refuses_changes_nothing(tmp_path: Pa
             await leader.client_write(cmd(n))
         await cluster.wait_applied(leader.log.last_index)
         follower = follower_of(cluster, leader)
-        await follower.wait_for(lambda m: m.snapshot is not None, 5.0, "a snapshot of its own")
+        # Settled: a snapshot of its own up to the last entry, and no build under way (a
+        # trigger while a build runs is a no-op, hence the bounded retry).
+        for _ in range(50):
+            m = follower.metrics()
+            if m.snapshot is not None and m.snapshot == m.last_applied:
+                break
+            await follower.trigger_snapshot()
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the follower never snapshotted everything it applied")
         snapshot_before = await follower.snapshot_store.latest()
         log_before = (follower.log.last_purged, follower.log.last_log_id)
         applied_before = list(cluster.machines[follower.id].applied)
