@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from raft_http.kv import KVClient, KVNode
 from raft_http.kv.admin import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
 from raft_http.kv.client import (
+    RAFT_TOKEN_ENV,
     TOKEN_ENV,
     KVOutcomeUnknown,
     KVRefused,
@@ -127,12 +129,20 @@ async def test_the_token_comes_from_the_option_or_the_environment(
 ) -> None:
     script = Script((200, {"value": None}))
     addr = await scripted(script)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.setenv(RAFT_TOKEN_ENV, "raft-token")
+    async with KVClient(addr) as client:
+        await client.get("k", stale=True)
     monkeypatch.setenv(TOKEN_ENV, "from-env")
     async with KVClient(addr) as client:
         await client.get("k", stale=True)
     async with KVClient(addr, token="from-option") as client:
         await client.get("k", stale=True)
-    assert [auth for _, _, auth, _ in script.seen] == ["Bearer from-env", "Bearer from-option"]
+    assert [auth for _, _, auth, _ in script.seen] == [
+        "Bearer raft-token",
+        "Bearer from-env",
+        "Bearer from-option",
+    ]
 
 
 async def test_unreachable_and_unavailable_are_told_apart(scripted: Any) -> None:
@@ -154,7 +164,7 @@ async def test_unreachable_and_unavailable_are_told_apart(scripted: Any) -> None
 async def nodes(tmp_path: Path) -> AsyncIterator[list[KVNode]]:
     started: list[KVNode] = []
     for n in (1, 2, 3):
-        node = KVNode(n, tmp_path / str(n), port=0)
+        node = KVNode(n, tmp_path / str(n), port=0, token="raft-secret", api_token=API_TOKEN)
         started.append(node)
         await node.start()
     yield started
@@ -162,7 +172,11 @@ async def nodes(tmp_path: Path) -> AsyncIterator[list[KVNode]]:
         await node.stop()
 
 
-async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+API_TOKEN = "api-secret"
+WITH_TOKEN = {**os.environ, TOKEN_ENV: API_TOKEN}
+
+
+async def cli(*args: str, env: dict[str, str] | None = WITH_TOKEN) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -185,9 +199,10 @@ async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, 
 
 async def test_kvclient_round_trip_and_failover(nodes: list[KVNode]) -> None:
     members = {n.node_id: n.addr for n in nodes}
-    async with KVClient(nodes[0].addr) as admin:
+    async with KVClient(nodes[0].addr, token=API_TOKEN) as admin:
         await admin.init(members)
-    async with KVClient([n.addr for n in reversed(nodes)], deadline=20) as client:
+    addrs = [n.addr for n in reversed(nodes)]
+    async with KVClient(addrs, deadline=20, token=API_TOKEN) as client:
         written = await client.put("foo", "bar")
         assert written.data == {"value": "bar"}
         assert written.log_id is not None
@@ -212,6 +227,15 @@ async def test_kvclient_round_trip_and_failover(nodes: list[KVNode]) -> None:
 async def test_cli_subcommands_and_exit_codes(nodes: list[KVNode], tmp_path: Path) -> None:
     a = ["--addr", nodes[1].addr]
     members = [f"{n.node_id}={n.addr}" for n in nodes]
+    no_token = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, RAFT_TOKEN_ENV)}
+    code, out, err = await cli("init", *a, *members, env=no_token)
+    assert (code, out) == (EXIT_REFUSED, "")
+    assert err.startswith("raft-http init: unauthorized: ")
+    token_file = tmp_path / "token"
+    token_file.write_text(API_TOKEN + "\n")
+    code, out, err = await cli("status", *a, "--api-token-file", str(token_file), env=no_token)
+    assert code == EXIT_OK, err
+    assert "leader: none" in out
     assert await cli("init", *a, *members) == (EXIT_OK, f"initialized: {', '.join(members)}\n", "")
     code, out, err = await cli("init", *a, *members)
     assert code == EXIT_REFUSED

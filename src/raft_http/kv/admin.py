@@ -24,7 +24,7 @@ from typing import Any, Final
 import msgspec
 
 from ..types import encode_json
-from .client import TOKEN_ENV, ClusterStatus, KVClient, KVError, KVUnreachable
+from .client import RAFT_TOKEN_ENV, TOKEN_ENV, ClusterStatus, KVClient, KVError, KVUnreachable
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -60,8 +60,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-token",
         default=None,
-        help=f"bearer token for the KV API (default: ${TOKEN_ENV}; prefer the variable "
-        "or --api-token-file, a command line is visible to other users)",
+        help=f"bearer token for the KV API (default: ${TOKEN_ENV}, else ${RAFT_TOKEN_ENV}; "
+        "prefer those or --api-token-file: a command line is visible to other users)",
     )
     parser.add_argument(
         "--api-token-file", metavar="FILE", help="read the API token from this file"
@@ -240,7 +240,7 @@ def _token(args: argparse.Namespace) -> str | None:
                 return f.read().strip()
         except OSError as e:
             raise _UsageError(f"--api-token-file {args.api_token_file}: {e.strerror}") from None
-    return args.api_token or os.environ.get(TOKEN_ENV) or None
+    return args.api_token or None  # None: KVClient reads the environment
 
 
 def _ssl(args: argparse.Namespace) -> ssl.SSLContext | None:

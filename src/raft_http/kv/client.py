@@ -11,7 +11,8 @@ which it remembers for the next call. It retries only what is safe to retry:
 A write whose outcome is unknown (``timeout``, ``write_outcome_unknown``, a connection lost
 after sending) is NOT retried: ``KVOutcomeUnknown`` tells the caller to re-read first.
 
-The API token comes from ``token=`` or ``$RAFT_HTTP_API_TOKEN``.
+The API token comes from ``token=``, else ``$RAFT_HTTP_API_TOKEN``, else ``$RAFT_HTTP_TOKEN``
+(a node without ``--api-token`` requires its Raft token on the API).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from .api import base_url
 
 TOKEN_ENV: Final = "RAFT_HTTP_API_TOKEN"
 """The environment variable ``KVClient`` and ``raft-http`` read the API token from."""
+RAFT_TOKEN_ENV: Final = "RAFT_HTTP_TOKEN"
+"""Read when ``TOKEN_ENV`` is unset: a node's API token defaults to its Raft token."""
 
 _RETRY_LATER: Final = frozenset(
     {"no_leader", "not_initialized", "quorum_not_enough", "write_aborted"}
@@ -134,7 +137,7 @@ class KVClient:
         scheme = "https" if isinstance(ssl, ssl_module.SSLContext) else "http"
         self.urls = [base_url(a, scheme) for a in seeds]
         self.scheme = scheme
-        self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self.token = token or os.environ.get(TOKEN_ENV) or os.environ.get(RAFT_TOKEN_ENV) or None
         self.ssl: ssl_module.SSLContext | bool = True if ssl is None else ssl
         self.deadline = deadline
         self.request_timeout = request_timeout
