@@ -15,7 +15,7 @@ import re
 import ssl as ssl_module
 import threading
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, BinaryIO, Final, NoReturn, TypeVar
 
 import aiohttp
@@ -193,6 +193,7 @@ class HttpNetworkFactory(RaftNetworkFactory):
         ssl: ssl_module.SSLContext | bool | None = None,
         backoff: Callable[[], Backoff] | None = None,
         max_resume_attempts: int = 3,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
         if max_resume_attempts < 0:
             raise ValueError("max_resume_attempts cannot be negative")
@@ -210,6 +211,7 @@ class HttpNetworkFactory(RaftNetworkFactory):
         self.ssl: ssl_module.SSLContext | bool = True if ssl is None else ssl
         self._backoff = backoff or (lambda: Backoff.constant(0.5))
         self.max_resume_attempts = max_resume_attempts
+        self.trace_configs = list(trace_configs)  # e.g. counting RPCs per peer and route
 
     async def __aenter__(self) -> HttpNetworkFactory:
         return self
@@ -226,7 +228,9 @@ class HttpNetworkFactory(RaftNetworkFactory):
     def _new_session(self) -> aiohttp.ClientSession:
         # Deadlines are ours (asyncio.timeout per call): aiohttp's 300 s total would
         # kill long snapshot uploads.
-        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None), trace_configs=self.trace_configs or None
+        )
 
     def session(self) -> aiohttp.ClientSession:
         """The pool for RPCs; must be called inside the running loop."""

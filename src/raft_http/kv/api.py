@@ -9,7 +9,7 @@ Routes (bodies are JSON; answers are JSON; errors are ``{"error": {"kind", "mess
 - ``POST /write`` ``{"Set": {"key": "foo", "value": "bar"}}`` or ``{"Delete": {"key": "foo"}}``
 - ``POST /read`` ``"foo"`` (local, may be stale)
 - ``POST /consistent_read`` ``"foo"`` (linearizable: confirmed by a quorum first)
-- ``GET /metrics``
+- ``GET /metrics``, ``GET /health``, ``GET /ready`` (``probes.py``)
 
 With an API token (``kv_api(api_token=...)``; ``KVNode`` uses the Raft token when no
 API token is given), every route but ``OPEN_PATHS`` answers ``401`` without
@@ -38,6 +38,7 @@ from ..errors import APIError, Fatal, RaftError
 from ..raft.errors import LearnerNotCaughtUp, NodeRemoved
 from ..raft.metrics import ServerState
 from ..types import LogId, Node, NodeId, encode_json
+from .instruments import NodeInstruments
 from .intake import (
     ADMIN_MAX_BODY_SIZE,
     BODY,
@@ -49,6 +50,7 @@ from .intake import (
     body_intake,
     error_response,
 )
+from .probes import install_probes
 from .state_machine import InvalidCommand, KVStateMachine, decode_command
 
 __all__ = [
@@ -187,7 +189,6 @@ class KVApi:
             web.post("/write", self.write),
             web.post("/read", self.read),
             web.post("/consistent_read", self.consistent_read),
-            web.get("/metrics", self.metrics),
         ]
 
     async def _body(self, request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
@@ -333,9 +334,6 @@ class KVApi:
 
         return await self._call(request, action)
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        return _json(self.raft.metrics())
-
 
 KV_API: Final = web.AppKey("kv_api", KVApi)
 """The handlers' state in the app, e.g. to set ``addr`` once a free port is bound."""
@@ -353,6 +351,7 @@ def kv_api(
     api_token: str | None = None,
     admin_max_body_size: int = ADMIN_MAX_BODY_SIZE,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    instruments: NodeInstruments | None = None,
 ) -> web.Application:
     """The KV API as an aiohttp app; ``KVNode`` mounts the Raft routes under it at ``/raft``.
 
@@ -361,9 +360,12 @@ def kv_api(
     ``api_token``: require it as a bearer token on every route but ``OPEN_PATHS``.
     ``client_max_size`` bounds a body (``admin_max_body_size`` on ``/init`` and the
     membership routes); ``body_timeout`` is how long a body may take to arrive.
+    ``instruments``: where the node counts its traffic (``/metrics``); shared with its
+    network and log store by ``KVNode``.
     """
     if min(client_max_size, admin_max_body_size) <= 0 or not body_timeout > 0:
         raise ValueError("body limits and body_timeout must be > 0")
+    instruments = instruments or NodeInstruments()
     api = KVApi(
         raft,
         state_machine,
@@ -374,6 +376,7 @@ def kv_api(
     )
     app = web.Application(
         middlewares=[
+            instruments.middleware,
             json_errors,
             api_auth(api_token, KV_API),
             body_intake(client_max_size, admin_max_body_size, body_timeout, KV_API),
@@ -383,4 +386,5 @@ def kv_api(
     app[CLIENT_MAX_SIZE] = client_max_size
     app[KV_API] = api
     app.add_routes(api.routes())
+    install_probes(app, raft, instruments, reveal=api_token is None)
     return app

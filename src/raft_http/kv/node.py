@@ -26,6 +26,7 @@ from ..server import raft_app
 from ..serving import runner_options
 from ..types import Node
 from .api import KV_API, base_url, kv_api
+from .instruments import InstrumentedLogStore, NodeInstruments
 from .state_machine import KVStateMachine
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class KVNode:
         self.write_timeout = write_timeout
         self.scheme = "https" if server_ssl is not None else "http"
         self.state_machine = KVStateMachine()
+        self.instruments = NodeInstruments()
         self._raft: Raft | None = None
         self._log_store: SqliteLogStore | None = None
         self._network: RaftNetworkFactory | None = None
@@ -126,9 +128,16 @@ class KVNode:
 
     async def _start(self) -> None:
         await asyncio.to_thread(self.data_dir.mkdir, parents=True, exist_ok=True)
-        self._log_store = await SqliteLogStore.open(self.data_dir / "raft.sqlite3")
+        self._log_store = await InstrumentedLogStore.open_counted(
+            self.data_dir / "raft.sqlite3", self.instruments
+        )
         snapshot_store = SnapshotStore(self.data_dir / "snapshots")
-        inner = HttpNetworkFactory(token=self.token, cluster=self.cluster, ssl=self.client_ssl)
+        inner = HttpNetworkFactory(
+            token=self.token,
+            cluster=self.cluster,
+            ssl=self.client_ssl,
+            trace_configs=[self.instruments.trace_config()],
+        )
         self._network = RaftPathNetworkFactory(inner, self.scheme)
         self._raft = await Raft.create(
             self.node_id,
@@ -146,6 +155,7 @@ class KVNode:
             scheme=self.scheme,
             write_timeout=self.write_timeout,
             api_token=self.api_token,
+            instruments=self.instruments,
         )
         app.add_subapp(
             RAFT_PREFIX,
