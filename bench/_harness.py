@@ -52,6 +52,7 @@ __all__ = [
     "free_ports",
     "machine_info",
     "parse_args",
+    "pq",
     "run_json",
     "spread",
     "wait_port",
@@ -220,6 +221,7 @@ class LoadGen:
             argv.append("--uvloop")
         self.proc = kids.spawn(name, argv, stdin=subprocess.PIPE)
         self.name = name
+        self.log_dir = kids.log_dir
 
     def run(self, argv: Sequence[str], timeout: float) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -229,7 +231,9 @@ class LoadGen:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if ready else b""
         if not line:
-            raise RuntimeError(f"load generator {self.name} gave no answer (see its log)")
+            log = (self.log_dir / f"{self.name}.log").read_text(errors="replace")
+            tail = "\n".join(log.splitlines()[-8:])
+            raise RuntimeError(f"load generator {self.name} gave no answer; its log ends:\n{tail}")
         result: dict[str, Any] = json.loads(line)
         return result
 
@@ -298,6 +302,12 @@ def command_line() -> str:
     """How this script was run, with paths relative to the repository."""
     argv = [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
     return " ".join(["python", *argv])
+
+
+def pq(run: dict[str, Any], percentile: int) -> float:
+    """A run's latency percentile in ms (NaN when nothing completed)."""
+    q = run.get("q_ms") or []
+    return float(q[percentile]) if len(q) > percentile else float("nan")
 
 
 # --- reports ------------------------------------------------------------------------

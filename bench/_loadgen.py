@@ -46,6 +46,10 @@ VOTE = Vote(LeaderId(1, 1), True)
 PAYLOADS = {"heartbeat": (0, 0), "100x100": (100, 100), "300x1k": (300, 1024)}
 
 
+class Refused(Exception):
+    """An answer that is not a success (its status and error kind), or a lost connection."""
+
+
 def command(i: int, size: int) -> bytes:
     """A JSON ``Set`` command of exactly ``size`` bytes (at least its fixed part)."""
     head = b'{"Set":{"key":"key-%08d","value":"' % i
@@ -71,6 +75,7 @@ async def measure(
     for i in range(min(50, calls)):  # warm-up: connections, caches
         await call(-1 - i)
     latencies: list[float] = []
+    errors: dict[str, int] = {}
     next_i = 0
     stop_at = time.perf_counter() + seconds
 
@@ -80,7 +85,12 @@ async def measure(
             i = next_i
             next_i += 1
             t0 = time.perf_counter()
-            await call(i)
+            try:
+                await call(i)
+            except Refused as e:  # counted, not timed: a refused write is not a write
+                errors[str(e)] = errors.get(str(e), 0) + 1
+                await asyncio.sleep(0.01)
+                continue
             latencies.append(time.perf_counter() - t0)
 
     start = time.perf_counter()
@@ -94,6 +104,7 @@ async def measure(
         "rate": len(latencies) / elapsed,
         "cpu": cpu / elapsed,
         "q_ms": [q * 1e3 for q in quantiles(latencies)],
+        "errors": errors,
     }
 
 
@@ -124,11 +135,15 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 
             async def call(i: int) -> object:
                 body = b'{"Set":{"key":"k%s-%d","value":"v"}}' % (tag.encode(), i)
-                async with session.post(args.url, data=body, headers=headers) as resp:
-                    answer = await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"/write answered {resp.status}: {answer[:200]!r}")
-                    return answer
+                try:
+                    async with session.post(args.url, data=body, headers=headers) as resp:
+                        answer = await resp.read()
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    raise Refused(type(e).__name__) from None
+                if resp.status != 200:
+                    kind = msgspec.json.decode(answer).get("error", {}).get("kind", "?")
+                    raise Refused(f"{resp.status} {kind}")
+                return answer
 
         return await measure(call, args.concurrency, args.calls, args.seconds)
 

@@ -30,6 +30,7 @@ from _harness import (
     fmt_spread,
     free_ports,
     parse_args,
+    pq,
     spread,
     wait_port,
 )
@@ -158,12 +159,12 @@ def main() -> None:
                 fmt_spread([r["rate"] for r in ours]),
                 fmt_spread([r["rate"] for r in base]),
                 fmt_spread(ratios),
-                fmt_spread([r["q_ms"][50] for r in ours])
+                fmt_spread([pq(r, 50) for r in ours])
                 + " / "
-                + fmt_spread([r["q_ms"][99] for r in ours]),
-                fmt_spread([r["q_ms"][50] for r in base])
+                + fmt_spread([pq(r, 99) for r in ours]),
+                fmt_spread([pq(r, 50) for r in base])
                 + " / "
-                + fmt_spread([r["q_ms"][99] for r in base]),
+                + fmt_spread([pq(r, 99) for r in base]),
                 f"{spread([r['server_cpu'] for r in ours])[0]:.0%} / "
                 f"{spread([r['cpu'] for r in ours])[0]:.0%}",
                 f"{spread([r['server_cpu'] for r in base])[0]:.0%} / "

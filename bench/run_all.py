@@ -36,7 +36,6 @@ BENCHMARKS = [
     "bench_rolling_restart.py",
     "bench_overload.py",
     "bench_transport.py",
-    "bench_cluster.py",
 ]
 TIMEOUT = {"smoke": 240, "quick": 300, "full": 1800}
 

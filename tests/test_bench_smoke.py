@@ -22,8 +22,12 @@ EXPECTED = {
         "### AppendEntries calls/s, separate processes",
         "### Encode and decode cost per entry",
     ],
+    "bench_http_write.py": ["### POST /write, 3 node processes (fsync on) vs bare aiohttp"],
+    "bench_client_write.py": ["### Writes inside the leader's process"],
+    "bench_failover.py": ["### Time from kill -9 of the leader"],
     "bench_transport.py": ["### full_snapshot upload"],
 }
+PLOTS = ("throughput.png", "latency_cdf.png", "failover.png")
 
 
 def tables_under(text: str, title: str) -> list[str]:
@@ -62,6 +66,6 @@ def test_run_all_smoke_writes_every_table(tmp_path: Path) -> None:
             # a header, its separator and at least one data row
             assert len(rows) >= 3, f"{script}: table {title!r} is empty:\n{text}"
     if importlib.util.find_spec("matplotlib") is not None:
-        for png in ("throughput.png", "latency_cdf.png", "failover.png"):
-            if f"({png})" in text:
-                assert (tmp_path / png).stat().st_size > 0
+        for png in PLOTS:
+            assert f"({png})" in text, f"RESULTS.md links no {png}"
+            assert (tmp_path / png).stat().st_size > 0

@@ -1,0 +1,107 @@
+"""``raft-http node`` plus a control port, so a load can run INSIDE the node's process.
+
+    python bench/_node.py --control-port C node --id 1 --listen 127.0.0.1:P --data-dir D
+
+Everything after ``--control-port C`` is the ``raft-http node`` command line, run by
+the CLI's own code. The control port answers ``POST /load {"writers": N, "seconds":
+S}``: N tasks in this process call ``client_write`` back to back (the way an embedding
+application would), and the answer is what they measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import quantiles
+
+from raft_http.kv import cli
+
+WRITE_TIMEOUT = 10.0
+"""As the KV API's default --write-timeout: a write not done by then counts as refused."""
+
+
+class BenchNode(cli.KVNode):
+    """The CLI's node, with a control server next to it on the same event loop."""
+
+    control_port = 0
+
+    async def start(self) -> None:
+        await super().start()
+        app = web.Application()
+        app.router.add_post("/load", self._load)
+        self._control = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._control.setup()
+        await web.TCPSite(self._control, "127.0.0.1", self.control_port).start()
+
+    async def stop(self) -> None:
+        control = getattr(self, "_control", None)
+        if control is not None:
+            await control.cleanup()
+        await super().stop()
+
+    async def _load(self, request: web.Request) -> web.Response:
+        spec: dict[str, Any] = await request.json()
+        return web.json_response(await self.load(int(spec["writers"]), float(spec["seconds"])))
+
+    async def load(self, writers: int, seconds: float) -> dict[str, Any]:
+        raft = self.raft
+        tag = time.time_ns() % 10**9
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        next_i = 0
+        stop_at = time.perf_counter() + seconds
+
+        async def writer() -> None:
+            nonlocal next_i
+            while time.perf_counter() < stop_at:
+                i = next_i
+                next_i += 1
+                data = b'{"Set":{"key":"w%d-%d","value":"v"}}' % (tag, i)
+                t0 = time.perf_counter()
+                try:
+                    async with asyncio.timeout(WRITE_TIMEOUT):
+                        await raft.client_write(data)
+                except Exception as e:  # counted, not timed: not leader, aborted, timeout ...
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                    await asyncio.sleep(0.01)
+                    continue
+                latencies.append(time.perf_counter() - t0)
+
+        start = time.perf_counter()
+        cpu0 = time.process_time()
+        await asyncio.gather(*(writer() for _ in range(writers)))
+        elapsed = time.perf_counter() - start
+        return {
+            "calls": len(latencies),
+            "seconds": elapsed,
+            "rate": len(latencies) / elapsed,
+            "cpu": (time.process_time() - cpu0) / elapsed,
+            "q_ms": [q * 1e3 for q in quantiles(latencies)],
+            "errors": errors,
+        }
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if argv[:1] == ["--uvloop"]:
+        import uvloop
+
+        argv = argv[1:]
+        uvloop.install()
+    if argv[:1] != ["--control-port"]:
+        sys.exit("usage: _node.py [--uvloop] --control-port C node ...")
+    BenchNode.control_port = int(argv[1])
+    cli.KVNode = BenchNode  # type: ignore[misc]
+    return cli.main(argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""``client_write`` inside the leader's process, beside PySyncObj 0.3.17, 3 processes each.
+
+    python bench/bench_client_write.py [--quick | --smoke] [--runs N]
+
+raft-http: three ``raft-http node`` processes (SQLite log, fsync on); 1, 64, 256 and
+1,024 tasks inside the leader's process call ``client_write`` back to back. PySyncObj:
+three processes with a replicated dict; inside its leader's process, commands sent
+one at a time (``sync=True``) or 1,000 and 3,000 in flight (callbacks); with its
+default batching and with batching off; journal in memory and in a memory-mapped
+file (which PySyncObj never fsyncs). Each run measures every cell once, clusters
+taking turns (interleaved); ratios are to PySyncObj's best pipelined rate with its
+journal in memory in the same run.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _clusters import PsoCluster, RaftCluster
+from _harness import Children, Report, cpu_seconds, fmt_spread, parse_args, pq, spread
+
+WRITERS = (1, 64, 256, 1024)
+IN_FLIGHT = (1, 1000, 3000)
+PSO_CONFIGS = [  # (batching, journal in a file)
+    (True, False),
+    (False, False),
+    (True, True),
+    (False, True),
+]
+
+
+def pso_label(batching: bool, journal: bool) -> str:
+    return f"batching {'on' if batching else 'off'}, journal {'file' if journal else 'memory'}"
+
+
+def main() -> None:
+    args, size = parse_args(__doc__)
+    report = Report("bench_client_write", size, "client_write in the leader vs PySyncObj")
+    raft_runs: dict[int, list[dict[str, Any]]] = {w: [] for w in WRITERS}
+    pso_runs: dict[tuple[bool, bool, int], list[dict[str, Any]]] = {
+        (b, j, k): [] for b, j in PSO_CONFIGS for k in IN_FLIGHT
+    }
+    with Children(args.out / "logs") as kids, tempfile.TemporaryDirectory() as tmp:
+        raft = RaftCluster(Path(tmp) / "raft")
+        try:
+            leader = raft.bootstrap()
+            pids = [raft.procs[n].pid for n in (1, 2, 3)]
+            for r in range(size.runs):
+                for writers in WRITERS:
+                    leader = raft.wait_leader(timeout=30)
+                    cpu0 = {p: cpu_seconds(p) for p in pids}
+                    result = raft.load(leader, writers, size.seconds)
+                    used = [(cpu_seconds(p) - cpu0[p]) / result["seconds"] for p in pids]
+                    result["all_cpu"] = sum(used)
+                    raft_runs[writers].append(result)
+                for i, (batching, journal) in enumerate(PSO_CONFIGS):
+                    pso = PsoCluster(
+                        kids,
+                        Path(tmp) / f"pso-{r}-{i}",
+                        batching=batching,
+                        journal=journal,
+                    )
+                    (Path(tmp) / f"pso-{r}-{i}").mkdir(parents=True)
+                    try:
+                        pso_leader = pso.bootstrap()
+                        for k in IN_FLIGHT:
+                            answer = pso.ask(
+                                pso_leader,
+                                {
+                                    "cmd": "load",
+                                    "in_flight": k,
+                                    "seconds": size.seconds,
+                                },
+                                timeout=size.seconds + 60,
+                            )
+                            pso_runs[(batching, journal, k)].append(answer)
+                    finally:
+                        pso.close()
+        finally:
+            raft.close()
+
+    best = [
+        max(pso_runs[(b, False, k)][r]["rate"] for b, _ in PSO_CONFIGS[:2] for k in IN_FLIGHT[1:])
+        for r in range(size.runs)
+    ]
+    rows = []
+    for writers in WRITERS:
+        runs = raft_runs[writers]
+        rows.append(
+            [
+                f"raft-http, {writers} writers",
+                "SQLite, fsync on",
+                fmt_spread([x["rate"] for x in runs]),
+                f"{fmt_spread([pq(x, 50) for x in runs])} / "
+                f"{fmt_spread([pq(x, 99) for x in runs])}",
+                fmt_spread([x["rate"] / b for x, b in zip(runs, best, strict=True)]),
+                f"{spread([x['cpu'] for x in runs])[0]:.0%} / "
+                f"{spread([x['all_cpu'] for x in runs])[0]:.0%}",
+                errors(runs),
+            ]
+        )
+    for batching, journal in PSO_CONFIGS:
+        for k in IN_FLIGHT:
+            runs = pso_runs[(batching, journal, k)]
+            rows.append(
+                [
+                    f"PySyncObj, {'sequential' if k == 1 else f'{k:,} in flight'}",
+                    pso_label(batching, journal),
+                    fmt_spread([x["rate"] for x in runs]),
+                    f"{fmt_spread([pq(x, 50) for x in runs])} / "
+                    f"{fmt_spread([pq(x, 99) for x in runs])}",
+                    fmt_spread([x["rate"] / b for x, b in zip(runs, best, strict=True)]),
+                    f"{spread([x['cpu'] for x in runs])[0]:.0%}",
+                    errors(runs),
+                ]
+            )
+    report.table(
+        "Writes inside the leader's process: raft-http client_write vs PySyncObj",
+        [
+            "cell",
+            "log",
+            "writes/s",
+            "p50 / p99 ms",
+            "x PySyncObj best",
+            "CPU leader / 3 nodes",
+            "refused",
+        ],
+        rows,
+        f"Median (min-max) of {size.runs} runs of {size.seconds:g} s per cell, the clusters "
+        "taking turns within each run. 'x PySyncObj best' divides by PySyncObj's best "
+        "pipelined rate with its journal in memory (either batching) in the same run. "
+        "CPU is the share of one core (PySyncObj: its leader process only).",
+    )
+    report.data["raft"] = [{"writers": w, "runs": raft_runs[w]} for w in WRITERS]
+    report.data["pysyncobj"] = [
+        {"batching": b, "journal_file": j, "in_flight": k, "runs": pso_runs[(b, j, k)]}
+        for b, j in PSO_CONFIGS
+        for k in IN_FLIGHT
+    ]
+    report.data["pysyncobj_series"] = [
+        {
+            "label": pso_label(b, j),
+            "points": [{"in_flight": k, "runs": pso_runs[(b, j, k)]} for k in IN_FLIGHT],
+        }
+        for b, j in PSO_CONFIGS
+        if not j
+    ]
+    report.save(args.out)
+
+
+def errors(runs: list[dict[str, Any]]) -> str:
+    total: dict[str, int] = {}
+    for r in runs:
+        for kind, n in r.get("errors", {}).items():
+            total[kind] = total.get(kind, 0) + n
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(total.items())) or "-"
+
+
+if __name__ == "__main__":
+    main()
