@@ -69,7 +69,10 @@ def run_one(script: Path, size: str, out: Path) -> tuple[str, float, bool]:
     if text.startswith("# "):
         text = "#" + text
     cmd = " ".join(["python", *argv[1:]]).replace(str(BENCH.parent) + "/", "")
-    return f"## {name} (one process)\n\nCommand: `{cmd}`\n\n{text}\n", wall, True
+    section = f"## {name} (one process)\n\nCommand: `{cmd}`\n\n{text}\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(section)
+    return section, wall, True
 
 
 def load(out: Path, name: str) -> dict[str, Any] | None:
@@ -180,7 +183,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
-    parser.add_argument("--only", nargs="*", help="script names to run (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="script names to run (default: all); the others keep their section from --out",
+    )
     args = parser.parse_args()
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
     before = machine_info()
@@ -189,7 +196,13 @@ def main() -> None:
     failed = []
     for name in BENCHMARKS:
         script = BENCH / name
-        if not script.exists() or (args.only and name not in args.only):
+        if not script.exists():
+            continue
+        if args.only and name not in args.only:
+            # Not re-run: keep the section of an earlier run, if there is one.
+            earlier = args.out / f"{script.stem}.md"
+            if earlier.exists():
+                sections.append(earlier.read_text())
             continue
         print(f"== {name} ({size})", flush=True)
         text, wall, ok = run_one(script, size, args.out)

@@ -25,6 +25,7 @@ EXPECTED = {
     "bench_http_write.py": ["### POST /write, 3 node processes (fsync on) vs bare aiohttp"],
     "bench_client_write.py": ["### Writes inside the leader's process"],
     "bench_failover.py": ["### Time from kill -9 of the leader"],
+    "bench_catchup.py": ["### Follower restarted behind a purged log"],
     "bench_transport.py": ["### full_snapshot upload"],
 }
 PLOTS = ("throughput.png", "latency_cdf.png", "failover.png")
