@@ -116,7 +116,7 @@ def codec_costs(report: Report, size: Size) -> None:
             lambda packed=packed: _BIN_DECODER.decode(packed),
             len(packed),
         )
-        reps = max(20, int(2000 * size.scale))
+        reps = max(20, int(300 * size.scale))
         results: dict[str, tuple[list[float], list[float]]] = {c: ([], []) for c in codecs}
         for _ in range(max(3, size.runs)):
             for name, (enc, dec, _) in codecs.items():  # interleaved
