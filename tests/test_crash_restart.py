@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from seeds import seeds_from_env
+
 try:
     from .cluster_helpers import ProcessCluster, wait_for
 except ImportError:
@@ -199,7 +201,7 @@ def cluster(tmp_path: Path) -> Iterator[ProcessCluster]:
         print(c.logs(60))  # shown by pytest when the test failed
 
 
-@pytest.mark.parametrize("seed", [20240611, 7])
+@pytest.mark.parametrize("seed", seeds_from_env("RAFT_CRASH_SEEDS", [20240611, 7]))
 def test_sigkill_and_restart_lose_no_acknowledged_write(cluster: ProcessCluster, seed: int) -> None:
     rng = random.Random(seed)
     cluster.start_all()

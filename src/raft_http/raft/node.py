@@ -104,8 +104,11 @@ class ClientWriteResponse(Struct, frozen=True):
 class _LeaderState:
     """What only a leader has: a replication stream per target and the writes to propose."""
 
-    def __init__(self, since: float) -> None:
+    def __init__(self, since: float, flushed: int) -> None:
         self.since = since
+        # The last index on the leader's own disk. The leader sends entries before its own
+        # write completes, and counts itself toward a quorum only up to here (etcd does too).
+        self.flushed = flushed
         self.replicators: dict[int, Replicator] = {}
         self.pending: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]] = []
         self.propose_event = asyncio.Event()
@@ -502,7 +505,7 @@ class Raft:
         await self._save_vote(vote)
         self._state = ServerState.LEADER
         self._leader_id = self.id
-        leader = self._leader = _LeaderState(self._loop.time())
+        leader = self._leader = _LeaderState(self._loop.time(), self.log.last_index)
         log.info("node %s is leader of term %s", self.id, vote.term)
         self._sync_replicators()
         self._spawn(self._propose_loop(leader), "propose")
@@ -798,6 +801,19 @@ class Raft:
                     future.set_exception(NotAllowed(f"the log is full: no index past {MAX_INDEX}"))
             return
         entries = [Entry(LogId(leader_id, first + i), p) for i, (p, _) in enumerate(batch)]
+        # In memory and on the wire first, then on our own disk: followers write in parallel
+        # with us. The store call is queued before any await, so it precedes every later
+        # store operation (a purge after a snapshot of these entries included).
+        self.log.append(entries)
+        for entry, (_, future) in zip(entries, batch, strict=True):
+            self._waiters[entry.log_id.index] = (entry.log_id, future)
+        if self._memberships.track(entries):
+            self._sync_replicators()
+        leader = self._leader
+        if leader is not None:
+            for replicator in leader.replicators.values():
+                replicator.wake.set()
+        self._notify()
         try:
             await self.log_store.append(entries)
         except StorageError as e:
@@ -806,14 +822,8 @@ class Raft:
                 if not future.done():
                     future.set_exception(Fatal(str(e)))
             raise Fatal(str(e)) from e
-        self.log.append(entries)
-        for entry, (_, future) in zip(entries, batch, strict=True):
-            self._waiters[entry.log_id.index] = (entry.log_id, future)
-        if self._memberships.track(entries):
-            self._sync_replicators()
-        if self._leader is not None:
-            for replicator in self._leader.replicators.values():
-                replicator.wake.set()
+        if leader is not None:
+            leader.flushed = max(leader.flushed, entries[-1].log_id.index)
         self._update_commit()
         self._notify()
 
@@ -829,7 +839,7 @@ class Raft:
 
         def matched(node_id: int) -> int:
             if node_id == self.id:
-                return self.log.last_index
+                return leader.flushed
             replicator = leader.replicators.get(node_id)
             return log_index(replicator.progress.matching) if replicator else -1
 
