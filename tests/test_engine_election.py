@@ -43,6 +43,10 @@ def ask(term: int, node: int, last: LogId | None, pre_vote: bool = False) -> Vot
     return VoteRequest(vote(term, node), last, pre_vote=pre_vote)
 
 
+def transfer(term: int, node: int, last: LogId | None) -> VoteRequest:
+    return VoteRequest(vote(term, node), last, transfer=True)
+
+
 @pytest.mark.parametrize(
     ("case", "request_", "mine", "last", "leased", "expected"),
     [
@@ -82,6 +86,11 @@ def ask(term: int, node: int, last: LogId | None, pre_vote: bool = False) -> Vot
         ("pre-stale-term", ask(1, 2, lid(1, 3), True), vote(2, 3), lid(1, 3), False, REFUSE),
         ("pre-log-behind", ask(9, 2, lid(1, 2), True), vote(1, 1), lid(1, 3), False, REFUSE),
         ("pre-leased", ask(9, 2, lid(1, 3), True), vote(1, 1, True), lid(1, 3), True, REFUSE),
+        # A leadership transfer's candidate passes the lease, and only the lease.
+        ("transfer-leased", transfer(2, 2, lid(1, 3)), vote(1, 1, True), lid(1, 3), True, SAVE),
+        ("transfer-behind", transfer(2, 2, lid(1, 2)), vote(1, 1, True), lid(1, 3), True, REFUSE),
+        ("transfer-stale", transfer(1, 2, lid(1, 3)), vote(2, 3, True), lid(1, 3), True, REFUSE),
+        ("transfer-taken", transfer(2, 2, lid(1, 3)), vote(2, 3), lid(1, 3), True, REFUSE),
     ],
 )
 def test_decide_vote(

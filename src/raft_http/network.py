@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import ReplicationClosed
+from .errors import ReplicationClosed, Unreachable
 from .types import (
     AppendEntriesRequest,
     AppendEntriesResponse,
@@ -25,6 +25,7 @@ from .types import (
     Node,
     Snapshot,
     SnapshotResponse,
+    TransferLeaderRequest,
     Vote,
     VoteRequest,
     VoteResponse,
@@ -155,6 +156,14 @@ class RaftNetwork(abc.ABC):
         )
         raise NotImplementedError(f"{type(self).__name__} does not implement install_snapshot")
 
+    async def transfer_leader(self, rpc: TransferLeaderRequest, option: RPCOption) -> None:
+        """Ask the target to take over leadership (raises ``RPCError``).
+
+        Optional, as in Openraft: a network without it raises ``Unreachable``, and
+        the leader's ``transfer_leader`` then fails and it keeps leading.
+        """
+        raise Unreachable(f"{type(self).__name__} does not implement transfer_leader")
+
     def backoff(self) -> Backoff:
         """How long to sleep before each retry after ``Unreachable``; constant 500 ms by default."""
         return Backoff.constant(0.5)
@@ -186,6 +195,11 @@ class RaftHandler(Protocol):
     async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse: ...
 
     async def vote(self, rpc: VoteRequest) -> VoteResponse: ...
+
+    async def handle_transfer_leader(self, rpc: TransferLeaderRequest) -> None:
+        """Take over leadership from ``rpc.from_leader``: campaign once the log holds
+        ``rpc.last_log_id``; returns before the election ends."""
+        ...
 
     async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
         """Install a complete snapshot received from the leader of ``vote``.

@@ -45,6 +45,7 @@ from .types import (
     APPEND_ENTRIES_RESPONSE,
     SNAPSHOT_META,
     SNAPSHOT_RESPONSE,
+    TRANSFER_LEADER_REQUEST,
     VOTE,
     VOTE_REQUEST,
     VOTE_RESPONSE,
@@ -55,12 +56,13 @@ from .types import (
     Normal,
     Snapshot,
     SnapshotResponse,
+    TransferLeaderRequest,
     Vote,
     VoteRequest,
     VoteResponse,
 )
 
-RpcKind: TypeAlias = Literal["append", "vote", "snapshot"]
+RpcKind: TypeAlias = Literal["append", "vote", "snapshot", "transfer"]
 T = TypeVar("T")
 
 _SPOOL_IN_MEMORY: Final = 1024 * 1024
@@ -85,7 +87,7 @@ class MemoryRouter:
     """Delivers RPCs between registered handlers, with faults a test can switch on and off.
 
     ``sent[(source, target, kind)]`` counts every RPC a node started, delivered or not,
-    with ``kind`` one of ``"append"``, ``"vote"``, ``"snapshot"``.
+    with ``kind`` one of ``"append"``, ``"vote"``, ``"snapshot"``, ``"transfer"``.
     """
 
     def __init__(self, *, backoff_seconds: float = 0.05) -> None:
@@ -275,6 +277,17 @@ class MemoryNetwork(RaftNetwork):
         deliver = self.router._deliver(self.source, self.target, "vote", None, call)
         reply = await _within(option, "vote", self.target, self.node, deliver)
         return VOTE_RESPONSE.decode(reply)
+
+    async def transfer_leader(self, rpc: TransferLeaderRequest, option: RPCOption) -> None:
+        self.router.sent[(self.source, self.target, "transfer")] += 1
+        body = TRANSFER_LEADER_REQUEST.encode(rpc)
+
+        async def call(handler: RaftHandler) -> bytes:
+            await handler.handle_transfer_leader(TRANSFER_LEADER_REQUEST.decode(body))
+            return b"{}"
+
+        deliver = self.router._deliver(self.source, self.target, "transfer_leader", None, call)
+        await _within(option, "transfer_leader", self.target, self.node, deliver)
 
     async def full_snapshot(
         self,

@@ -264,11 +264,22 @@ class VoteRequest(Struct, frozen=True):
     vote: Vote
     last_log_id: LogId | None
     pre_vote: bool = False
+    transfer: bool = False
+    """Sent by the target of a leadership transfer: voters grant it despite the leader lease."""
 
 
 class VoteResponse(Struct, frozen=True):
     vote: Vote
     vote_granted: bool
+    last_log_id: LogId | None
+
+
+class TransferLeaderRequest(Struct, frozen=True):
+    """The leader of ``from_leader`` hands leadership to ``to_node_id`` (Openraft's, etcd's
+    ``MsgTransferLeader``): once its log holds ``last_log_id``, the target campaigns at once."""
+
+    from_leader: Vote
+    to_node_id: NodeId
     last_log_id: LogId | None
 
 
@@ -372,6 +383,7 @@ APPEND_ENTRIES_RESPONSE: Final = JsonCodec[AppendEntriesResponse](AppendEntriesR
 VOTE_REQUEST: Final = JsonCodec[VoteRequest](VoteRequest)
 VOTE_RESPONSE: Final = JsonCodec[VoteResponse](VoteResponse)
 VOTE: Final = JsonCodec[Vote](Vote)
+TRANSFER_LEADER_REQUEST: Final = JsonCodec[TransferLeaderRequest](TransferLeaderRequest)
 SNAPSHOT_META: Final = JsonCodec[SnapshotMeta](SnapshotMeta)
 SNAPSHOT_RESPONSE: Final = JsonCodec[SnapshotResponse](SnapshotResponse)
 INSTALL_SNAPSHOT_REQUEST: Final = JsonCodec[InstallSnapshotRequest](InstallSnapshotRequest)

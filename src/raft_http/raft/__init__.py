@@ -6,7 +6,9 @@ from .errors import (
     LearnerNotCaughtUp,
     NodeRemoved,
     NotAllowed,
+    Overloaded,
     QuorumNotEnough,
+    TransferFailed,
     WriteAborted,
     WriteOutcomeUnknown,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "MemoryLogStore",
     "NodeRemoved",
     "NotAllowed",
+    "Overloaded",
     "QuorumNotEnough",
     "Raft",
     "RaftMetrics",
@@ -35,6 +38,7 @@ __all__ = [
     "SqliteLogStore",
     "StateMachine",
     "StorageError",
+    "TransferFailed",
     "WriteAborted",
     "WriteOutcomeUnknown",
 ]

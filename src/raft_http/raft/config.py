@@ -14,6 +14,11 @@ class Config:
     ``append_timeout``: Openraft bounds an AppendEntries by the heartbeat interval;
     a Python follower that fsyncs each batch to SQLite needs longer, so the bound is
     its own knob. A timed-out RPC is simply sent again.
+
+    ``max_uncommitted_entries`` / ``max_uncommitted_bytes`` bound what a leader holds
+    proposed but not committed (entries, and bytes of application data); a write past
+    either bound fails at once with ``Overloaded``. ``transfer_leader_timeout`` bounds
+    ``Raft.transfer_leader`` when the caller gives no timeout.
     """
 
     cluster_name: str = "raft_http"
@@ -29,6 +34,9 @@ class Config:
     replication_lag_threshold: int = 5000
     enable_heartbeat: bool = True
     enable_elect: bool = True
+    max_uncommitted_entries: int = 10_000
+    max_uncommitted_bytes: int = 64 * 1024 * 1024
+    transfer_leader_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -40,6 +48,10 @@ class Config:
             problems.append("heartbeat_interval must be < election_timeout_min")
         if self.append_timeout <= 0 or self.install_snapshot_timeout <= 0:
             problems.append("timeouts must be > 0")
+        if self.max_uncommitted_entries < 1 or self.max_uncommitted_bytes < 1:
+            problems.append("max_uncommitted_entries and max_uncommitted_bytes must be >= 1")
+        if not self.transfer_leader_timeout > 0:
+            problems.append("transfer_leader_timeout must be > 0")
         if self.max_payload_entries < 1:
             problems.append("max_payload_entries must be >= 1")
         if self.snapshot_max_chunk_size < 1:

@@ -104,3 +104,24 @@ class WriteOutcomeUnknown(APIError):
 
     def __init__(self, message: str) -> None:
         super().__init__("write_outcome_unknown", message)
+
+
+class Overloaded(APIError):
+    """The leader holds as many uncommitted writes as ``Config`` allows: retry shortly.
+
+    Nothing was proposed. Refusing at once, instead of queueing without limit, keeps the
+    leader's memory and latency bounded and its heartbeats on time.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("overloaded", message)
+
+
+class TransferFailed(APIError):
+    """A leadership transfer did not complete in time (or could not start).
+
+    If this node still leads, it takes writes again; otherwise an election decides.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("transfer_failed", message)

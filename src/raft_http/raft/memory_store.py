@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..types import Entry, LogId, Normal, Vote, log_index
+from ..types import Entry, LogId, Vote, log_index
+from .engine.log import detach_entry
 from .storage import LogState, StorageError
 
 
@@ -52,20 +53,6 @@ def state_after_purge(state: LogState, upto: LogId) -> LogState | None:
     if last is None or last.index <= upto.index:
         return LogState(last_purged_log_id=upto, last_log_id=upto)
     return LogState(last_purged_log_id=upto, last_log_id=last)
-
-
-def detach_entry(entry: Entry) -> Entry:
-    """The entry, with its application data copied if it is a view into a larger buffer.
-
-    A ``Raw`` decoded from a request keeps the whole request buffer alive; a stored
-    entry must not pin a 100-entry batch for as long as the log keeps it.
-    """
-    payload = entry.payload
-    if isinstance(payload, Normal):
-        data = payload.data.copy()
-        if data is not payload.data:
-            return Entry(entry.log_id, Normal(data))
-    return entry
 
 
 class MemoryLogStore:

@@ -13,6 +13,7 @@ capture, snapshot install). Lock order: ``_lock`` before ``_sm_lock``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -46,6 +47,7 @@ from ..types import (
     SnapshotResponse,
     StoredMembership,
     Success,
+    TransferLeaderRequest,
     Vote,
     VoteRequest,
     VoteResponse,
@@ -78,7 +80,9 @@ from .errors import (
     LearnerNotCaughtUp,
     NodeRemoved,
     NotAllowed,
+    Overloaded,
     QuorumNotEnough,
+    TransferFailed,
     WriteAborted,
     WriteOutcomeUnknown,
 )
@@ -112,6 +116,14 @@ class _LeaderState:
         self.replicators: dict[int, Replicator] = {}
         self.pending: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]] = []
         self.propose_event = asyncio.Event()
+        self.appending = False
+        """The proposer took a batch and has not yet put it in the in-memory log."""
+        self.transfer_to: int | None = None
+        """While set, leadership is being handed to this node: new writes wait."""
+        self.held_bytes = 0
+        """Application bytes proposed by this leader and not yet committed (back-pressure)."""
+        self.uncommitted: collections.deque[tuple[int, int]] = collections.deque()
+        """(index, bytes) of this leader's appended, uncommitted entries with data."""
 
 
 class Raft:
@@ -426,7 +438,8 @@ class Raft:
                 self._stop_leading("lost contact with a quorum")
                 self._notify()
 
-    async def _elect(self) -> None:
+    async def _elect(self, *, transfer: bool = False) -> None:
+        """Campaign for the next term; a ``transfer`` (asked by the leader) skips pre-vote."""
         term = campaign_term(self._vote.term, self._term_hint)
         if term > MAX_TERM:
             # Only a peer that forged a huge term gets us here; campaigning would overflow.
@@ -435,7 +448,7 @@ class Raft:
             )
             return
         candidate = Vote(LeaderId(term, self.id))
-        if not await self._collect_votes(candidate, pre_vote=True):
+        if not transfer and not await self._collect_votes(candidate, pre_vote=True):
             return
         async with self._lock:
             if self._leader is not None or self._vote.term >= term or not self._running:
@@ -445,8 +458,9 @@ class Raft:
             self._leader_id = None
             self._reset_election_deadline()
             self._notify()
-        log.info("node %s starts election for term %s", self.id, term)
-        granted = await self._collect_votes(candidate, pre_vote=False)
+        why = " (leadership transfer)" if transfer else ""
+        log.info("node %s starts election for term %s%s", self.id, term, why)
+        granted = await self._collect_votes(candidate, pre_vote=False, transfer=transfer)
         async with self._lock:
             if not granted or self._vote != candidate or not self._running:
                 if self._state is ServerState.CANDIDATE and self._vote != candidate:
@@ -455,12 +469,14 @@ class Raft:
                 return
             await self._become_leader(candidate)
 
-    async def _collect_votes(self, candidate: Vote, *, pre_vote: bool) -> bool:
+    async def _collect_votes(
+        self, candidate: Vote, *, pre_vote: bool, transfer: bool = False
+    ) -> bool:
         membership = self.membership.membership
         count = VoteCount(membership.configs, self.id)
         if count.won:
             return True
-        rpc = VoteRequest(candidate, self.log.last_log_id, pre_vote=pre_vote)
+        rpc = VoteRequest(candidate, self.log.last_log_id, pre_vote=pre_vote, transfer=transfer)
         option = RPCOption(hard_ttl=self.config.election_timeout_max)
         voters = membership.voter_ids() - {self.id}
 
@@ -570,6 +586,27 @@ class Raft:
 
     async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
         return await self._uncancellable(self._handle_install_snapshot(vote, snapshot))
+
+    async def handle_transfer_leader(self, rpc: TransferLeaderRequest) -> None:
+        """The leader hands over: once the log holds ``rpc.last_log_id``, campaign at once."""
+        self._check_running()
+        if rpc.to_node_id != self.id:
+            raise NotAllowed(f"this is node {self.id}, not node {rpc.to_node_id}")
+        if rpc.from_leader.leader_id != self._vote.leader_id or not self._vote.committed:
+            raise NotAllowed(
+                f"node {self.id} follows {self._vote}, not the sender's {rpc.from_leader}"
+            )
+        if not self.membership.membership.is_voter(self.id):
+            raise NotAllowed(f"node {self.id} is not a voter")
+        last = rpc.last_log_id
+        if not await self._wait_until(
+            lambda: self.log.matches(last) or log_index(self.log.last_purged) > log_index(last),
+            self.config.election_timeout_max,
+        ):
+            raise NotAllowed(f"node {self.id}'s log does not hold {last}")
+        if self._vote.leader_id != rpc.from_leader.leader_id:
+            return  # another election already moved on
+        self._spawn(self._elect(transfer=True), "transfer-election")
 
     async def _uncancellable(self, coro: Coroutine[Any, Any, _T]) -> _T:
         task = self._loop.create_task(coro)
@@ -782,6 +819,7 @@ class Raft:
                 if self._leader is not leader or not leader.pending:
                     continue
                 batch, leader.pending = leader.pending, []
+                leader.appending = True
                 try:
                     await self._append_as_leader(batch)
                 except BaseException:  # cancelled by shutdown, or storage failed
@@ -789,6 +827,10 @@ class Raft:
                         if not future.done():
                             future.set_exception(Fatal("the node stopped before the write"))
                     raise
+                finally:
+                    leader.appending = False
+                    del batch  # do not pin the last batch's data while waiting for the next
+                    self._notify()
 
     async def _append_as_leader(
         self, batch: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]]
@@ -805,6 +847,11 @@ class Raft:
         # with us. The store call is queued before any await, so it precedes every later
         # store operation (a purge after a snapshot of these entries included).
         self.log.append(entries)
+        if self._leader is not None:
+            uncommitted = self._leader.uncommitted
+            for entry in entries:
+                if isinstance(entry.payload, Normal):
+                    uncommitted.append((entry.log_id.index, len(entry.payload.data)))
         for entry, (_, future) in zip(entries, batch, strict=True):
             self._waiters[entry.log_id.index] = (entry.log_id, future)
         if self._memberships.track(entries):
@@ -859,6 +906,9 @@ class Raft:
             self._commit_event.set()
             if leader.replicators.keys() - self.membership.membership.nodes.keys():
                 self._sync_replicators()
+            uncommitted = leader.uncommitted
+            while uncommitted and uncommitted[0][0] <= index:
+                leader.held_bytes -= uncommitted.popleft()[1]
 
     # --- applying committed entries -----------------------------------------------------
 
@@ -974,14 +1024,135 @@ class Raft:
             raw = _RAW_JSON.decode(data)
         except msgspec.DecodeError as e:
             raise ValueError(f"a command must be one JSON value: {e}") from e
-        return await self._propose(Normal(raw))
+        return await self._propose(Normal(raw), bounded=True)
 
-    async def _propose(self, payload: EntryPayload) -> ClientWriteResponse:
+    async def _propose(self, payload: EntryPayload, bounded: bool = False) -> ClientWriteResponse:
+        """Queue ``payload`` for the proposer; ``bounded`` writes obey the back-pressure limits."""
         leader = self._require_leader()
+        while leader.transfer_to is not None:
+            leader = await self._wait_transfer(leader)
+        size = len(payload.data) if isinstance(payload, Normal) else 0
+        if bounded:
+            self._check_room(leader, size)
         future: asyncio.Future[ClientWriteResponse] = self._loop.create_future()
         leader.pending.append((payload, future))
+        leader.held_bytes += size
         leader.propose_event.set()
         return await future
+
+    def _check_room(self, leader: _LeaderState, size: int) -> None:
+        """Refuse a write the leader has no room for (``Overloaded``), before proposing it."""
+        entries = self.log.last_index - log_index(self.committed) + len(leader.pending)
+        config = self.config
+        if entries >= config.max_uncommitted_entries:
+            raise Overloaded(
+                f"{entries} entries are not committed yet (limit"
+                f" {config.max_uncommitted_entries}); retry shortly"
+            )
+        if leader.held_bytes and leader.held_bytes + size > config.max_uncommitted_bytes:
+            raise Overloaded(
+                f"{leader.held_bytes} bytes are not committed yet (limit"
+                f" {config.max_uncommitted_bytes}); retry shortly"
+            )
+
+    async def _wait_transfer(self, leader: _LeaderState) -> _LeaderState:
+        """Hold a write while leadership is handed over; then lead on, or name the new leader."""
+        timeout = self.config.transfer_leader_timeout * 2  # the transfer itself is bounded
+        await self._wait_until(
+            lambda: self._leader is not leader or leader.transfer_to is None, timeout
+        )
+        if self._leader is leader and leader.transfer_to is None:
+            return leader
+        # Wait for the new leader's first AppendEntries, so the write can be sent there.
+        await self._wait_until(
+            lambda: self._leader_id is not None, self.config.election_timeout_max
+        )
+        return self._require_leader()
+
+    async def transfer_leader(self, to: int | None = None, timeout: float | None = None) -> int:
+        """Hand leadership to voter ``to`` (None: the most up-to-date one); return the new leader.
+
+        New writes wait meanwhile (then go on here, or get ``ForwardToLeader`` naming the
+        new leader). The target is brought up to date, told to campaign at once, and its
+        vote request is marked as a transfer so that voters grant it despite the leader
+        lease: no election timeout passes. ``TransferFailed`` after ``timeout`` (default
+        ``Config.transfer_leader_timeout``); if this node still leads, it takes writes again.
+        """
+        leader = self._require_leader()
+        if leader.transfer_to is not None:
+            raise NotAllowed(f"a leadership transfer to node {leader.transfer_to} is under way")
+        target = self._transfer_target(leader, to)
+        if target == self.id:
+            return self.id
+        limit = self.config.transfer_leader_timeout if timeout is None else timeout
+        leader.transfer_to = target
+        log.info("node %s transfers leadership to node %s", self.id, target)
+        try:
+            async with asyncio.timeout(limit):
+                await self._transfer(leader, target, limit)
+        except TimeoutError:
+            still = self._leader is leader
+            log.warning(
+                "node %s: transfer of leadership to node %s timed out after %gs%s",
+                self.id,
+                target,
+                limit,
+                "; leads on" if still else "",
+            )
+            raise TransferFailed(
+                f"node {target} did not take over within {limit:g}s"
+                + ("; this node leads on" if still else "")
+            ) from None
+        finally:
+            if self._leader is leader:
+                leader.transfer_to = None
+                leader.propose_event.set()
+            self._notify()
+        new_leader = self._leader_id
+        assert new_leader is not None
+        log.info("node %s handed leadership to node %s", self.id, new_leader)
+        return new_leader
+
+    def _transfer_target(self, leader: _LeaderState, to: int | None) -> int:
+        voters = self.membership.membership.voter_ids()
+        if to is not None:
+            if to not in voters:
+                raise NotAllowed(f"node {to} is not a voter; leadership goes only to a voter")
+            return to
+        candidates = [t for t in voters if t != self.id and t in leader.replicators]
+        if not candidates:
+            raise NotAllowed("there is no other voter to hand leadership to")
+
+        def up_to_date(target: int) -> tuple[int, float]:
+            replicator = leader.replicators[target]
+            return log_index(replicator.progress.matching), replicator.progress.acked_at
+
+        return max(candidates, key=up_to_date)
+
+    async def _transfer(self, leader: _LeaderState, target: int, limit: float) -> None:
+        """Catch ``target`` up, tell it to campaign, and wait until a new leader is known."""
+        replicator = leader.replicators[target]
+
+        def caught_up() -> bool:
+            if self._leader is not leader:
+                raise TransferFailed("this node stopped leading before the target caught up")
+            # Nothing waits to be appended, and the target holds the whole log.
+            idle = not leader.pending and not leader.appending
+            return idle and log_index(replicator.matching) >= self.log.last_index
+
+        replicator.wake.set()
+        if not await self._wait_until(caught_up, limit):
+            raise TimeoutError
+        rpc = TransferLeaderRequest(self._vote, target, self.log.last_log_id)
+        option = RPCOption(hard_ttl=limit)
+        try:
+            await replicator.network.transfer_leader(rpc, option)
+        except RaftHttpError as e:
+            raise TransferFailed(f"node {target} did not take the transfer: {e}") from e
+        if not await self._wait_until(
+            lambda: self._leader is not leader and self._leader_id not in (None, self.id), limit
+        ):
+            raise TimeoutError
 
     async def initialize(self, nodes: dict[int, Node]) -> None:
         """Make this node's log start with ``nodes`` as the voters; only on a pristine node."""

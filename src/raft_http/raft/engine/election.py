@@ -5,7 +5,8 @@ whose log is at least as up to date as its own (the Election Restriction, which 
 Leader Completeness). A pre-vote (Ongaro's thesis, 9.6) asks the same question without
 changing anything, so a node that cannot win does not raise everybody's term. A voter
 that heard from a leader within the lease refuses every other candidate, so a node
-rejoining from a partition does not depose a healthy leader.
+rejoining from a partition does not depose a healthy leader; only the candidate of a
+leadership transfer, which the leader itself asked to campaign, passes the lease.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def decide_vote(
     request: VoteRequest, *, mine: Vote, last_log_id: LogId | None, leased: bool
 ) -> VoteVerdict:
     """How a voter whose vote is ``mine`` and whose log ends at ``last_log_id`` answers."""
-    if leased and request.vote.leader_id != mine.leader_id:
+    # A transfer's vote was asked for by the leader itself: the lease, which guards the
+    # leader against disruptive candidates, does not apply to it (etcd does the same).
+    if leased and request.vote.leader_id != mine.leader_id and not request.transfer:
         return VoteVerdict.REFUSE
     if not log_is_up_to_date(request.last_log_id, last_log_id):
         return VoteVerdict.REFUSE

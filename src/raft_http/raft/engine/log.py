@@ -2,7 +2,8 @@
 
 The durable copy lives in a ``LogStore``; the core keeps the unpurged tail in
 memory too (snapshots bound its length), so replication and apply never wait on
-storage reads.
+storage reads. Entries are detached from the buffers they were decoded from on the
+way in, so the log's memory follows its entries, not the request bodies they came in.
 """
 
 from __future__ import annotations
@@ -10,7 +11,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ...types import Entry, LogId, log_index
+from ...types import Entry, LogId, Normal, log_index
+
+
+def detach_entry(entry: Entry) -> Entry:
+    """The entry, with its application data copied if it is a view into a larger buffer.
+
+    A ``Raw`` decoded from a request keeps the whole request buffer alive; an entry
+    kept in memory must not pin a 300-entry batch for as long as the log keeps it.
+    """
+    payload = entry.payload
+    if isinstance(payload, Normal):
+        data = payload.data.copy()
+        if data is not payload.data:
+            return Entry(entry.log_id, Normal(data))
+    return entry
 
 
 class RaftLog:
@@ -20,7 +35,7 @@ class RaftLog:
         self, last_purged: LogId | None = None, entries: list[Entry] | None = None
     ) -> None:
         self.last_purged = last_purged
-        self._entries: list[Entry] = list(entries or [])
+        self._entries: list[Entry] = [detach_entry(e) for e in entries or ()]
         first = self.first_index
         for offset, entry in enumerate(self._entries):
             if entry.log_id.index != first + offset:
@@ -78,7 +93,7 @@ class RaftLog:
     def append(self, entries: list[Entry]) -> None:
         if entries and entries[0].log_id.index != self.last_index + 1:
             raise ValueError(f"append at {entries[0].log_id.index}, expected {self.last_index + 1}")
-        self._entries.extend(entries)
+        self._entries.extend([detach_entry(e) for e in entries])
 
     def truncate(self, since: int) -> None:
         """Drop entries with ``index >= since``."""
