@@ -35,6 +35,7 @@ from raft_http.types import (
     SnapshotMeta,
     SnapshotResponse,
     Success,
+    TransferLeaderRequest,
     Vote,
     VoteRequest,
     VoteResponse,
@@ -214,6 +215,7 @@ class Recorder:
     votes: list[VoteRequest] = field(default_factory=list)
     installed: list[tuple[Vote, SnapshotMeta, str]] = field(default_factory=list)
     """(vote, meta, sha256 hex of the data) per installed snapshot."""
+    transfers: list[TransferLeaderRequest] = field(default_factory=list)
 
     def current_vote(self) -> Vote:
         return self.my_vote
@@ -231,6 +233,11 @@ class Recorder:
             raise self.fail_with
         self.votes.append(rpc)
         return VoteResponse(self.my_vote, rpc.vote >= self.my_vote, None)
+
+    async def handle_transfer_leader(self, rpc: TransferLeaderRequest) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.transfers.append(rpc)
 
     async def install_full_snapshot(self, v: Vote, snapshot: Snapshot) -> SnapshotResponse:
         digest = await asyncio.to_thread(lambda: hashlib.file_digest(snapshot.data, "sha256"))

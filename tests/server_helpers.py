@@ -16,6 +16,7 @@ from raft_http.types import (
     SnapshotMeta,
     SnapshotResponse,
     Success,
+    TransferLeaderRequest,
     Vote,
     VoteRequest,
     VoteResponse,
@@ -119,6 +120,10 @@ class RecordingHandler:
         if granted:
             self.my_vote = rpc.vote
         return VoteResponse(vote=self.my_vote, vote_granted=granted, last_log_id=None)
+
+    async def handle_transfer_leader(self, rpc: TransferLeaderRequest) -> None:
+        self.calls.append(("handle_transfer_leader", rpc))
+        self._maybe_fail()
 
     async def install_full_snapshot(self, v: Vote, snapshot: Snapshot) -> SnapshotResponse:
         self.install_started.set()

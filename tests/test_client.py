@@ -53,8 +53,9 @@ from raft_http.types import (
     Snapshot,
     SnapshotResponse,
     Success,
+    TransferLeaderRequest,
 )
-from wire_helpers import snapshot_meta, vote
+from wire_helpers import log_id, snapshot_meta, vote
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 OPT = RPCOption(hard_ttl=5.0)
@@ -859,6 +860,31 @@ async def test_e2e_round_trips_with_token_and_cluster(aiohttp_server: ServerFact
         assert info.value.source.kind == "unauthorized"
     assert len(handler.appends) == 1
     assert len(handler.votes) == 1
+
+
+async def test_e2e_transfer_leader_round_trip_and_errors(aiohttp_server: ServerFactory) -> None:
+    handler = Recorder(my_vote=vote(1))
+    node = await real_server(aiohttp_server, handler, "/raft", token="tok")
+    rpc = TransferLeaderRequest(vote(3, 1).committed_vote(), 2, log_id(3, 17))
+    async with HttpNetworkFactory(token="tok") as f:
+        assert await f.new_client(2, node).transfer_leader(rpc, OPT) is None
+        assert handler.transfers == [rpc]
+        handler.fail_with = Fatal("stopped")
+        with pytest.raises(RemoteError) as info:
+            await f.new_client(2, node).transfer_leader(rpc, OPT)
+        assert isinstance(info.value.source, Fatal)
+        with pytest.raises(Unreachable):
+            await f.new_client(5, Node(f"127.0.0.1:{free_port()}")).transfer_leader(rpc, OPT)
+    # A peer without the route (an older version) answers a JSON 404: not a transfer.
+    bare = web.Application()
+    bare.add_subapp("/raft", web.Application())
+    server = await aiohttp_server(bare)
+    async with HttpNetworkFactory() as f:
+        with pytest.raises((RemoteError, NetworkError)):
+            await f.new_client(2, Node(f"http://127.0.0.1:{server.port}/raft")).transfer_leader(
+                rpc, OPT
+            )
+    assert len(handler.transfers) == 1
 
 
 async def test_e2e_wrong_prefix_is_a_network_error(aiohttp_server: ServerFactory) -> None:

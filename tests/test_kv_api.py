@@ -87,6 +87,11 @@ class ScriptedRaft:
         self.calls.append(("change_membership", set(voters)))
         return _Written(LOG_ID, None)
 
+    async def transfer_leader(self, to: int | None = None) -> int:
+        self._maybe_fail()
+        self.calls.append(("transfer_leader", to))
+        return 2 if to is None else to
+
     state = ServerState.LEADER
 
     def metrics(self) -> Any:
@@ -179,6 +184,35 @@ async def test_core_errors_map_to_honest_statuses(client: Any, raft: ScriptedRaf
     raft.fail = Fatal("storage failed")
     error = await _error(await client.post("/write", data=b'{"Delete":{"key":"a"}}'), 503, "fatal")
     assert "storage failed" in error["message"]
+
+
+async def test_transfer_leader_route(client: Any, raft: ScriptedRaft) -> None:
+    resp = await client.post("/transfer-leader", data=b"3")
+    assert resp.status == 200
+    assert await resp.json() == {"leader_id": 3}
+    resp = await client.post("/transfer-leader", data=b"null")
+    assert await resp.json() == {"leader_id": 2}
+    assert raft.calls == [("transfer_leader", 3), ("transfer_leader", None)]
+    for bad in (b"-1", b'"2"', b"", b"[2]"):
+        await _error(await client.post("/transfer-leader", data=bad), 400, "bad_request")
+    raft.fail = APIError("transfer_failed", "node 3 did not take over within 2s")
+    resp = await client.post("/transfer-leader", data=b"3")
+    await _error(resp, 503, "transfer_failed")
+    assert resp.headers["Retry-After"] == "1"
+    raft.fail = APIError("not_allowed", "node 7 is not a voter")
+    await _error(await client.post("/transfer-leader", data=b"7"), 409, "not_allowed")
+    assert len(raft.calls) == 2
+
+
+async def test_overloaded_write_answers_503_with_retry_after(
+    client: Any, raft: ScriptedRaft
+) -> None:
+    raft.fail = APIError("overloaded", "10000 entries are not committed yet")
+    resp = await client.post("/write", data=b'{"Set":{"key":"a","value":"1"}}')
+    error = await _error(resp, 503, "overloaded")
+    assert "not committed" in error["message"]
+    assert resp.headers["Retry-After"] == "1"
+    assert raft.calls == []
 
 
 async def test_init_with_members_and_alone(client: Any, raft: ScriptedRaft) -> None:
@@ -418,3 +452,40 @@ async def test_three_nodes_redirect_and_protect_the_raft_routes(
     await _error(resp, 412, "cluster_mismatch")
     # Neither request reached Raft: the follower did not grant a vote for term 99.
     assert follower.raft.metrics().current_term < 99
+
+
+async def test_three_nodes_transfer_leadership_and_hand_over_on_stop(
+    tmp_path: Path, session: aiohttp.ClientSession, nodes: list[KVNode]
+) -> None:
+    for n in (1, 2, 3):
+        node = KVNode(n, tmp_path / str(n), port=0)
+        nodes.append(node)
+        await node.start()
+    members = [[node.node_id, node.addr] for node in nodes]
+    resp = await session.post(f"{nodes[0].url}/init", json=members)
+    assert resp.status == 200, await resp.text()
+    by_id = {node.node_id: node for node in nodes}
+
+    def leader() -> KVNode | None:
+        found = [n for n in nodes if n.raft.metrics().state == "Leader"]
+        return found[0] if len(found) == 1 else None
+
+    await _wait(lambda: leader() is not None, "a leader")
+    old = leader()
+    assert old is not None
+    target = next(n for n in nodes if n is not old)
+    await _wait(lambda: target.raft.metrics().current_leader == old.node_id, "target follows")
+    # Sent to a follower, the request is redirected to the leader, which hands over.
+    resp = await session.post(f"{target.url}/transfer-leader", data=str(target.node_id))
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == {"leader_id": target.node_id}
+    assert target.raft.metrics().state == "Leader"
+    resp = await session.post(f"{target.url}/write", data=b'{"Set":{"key":"a","value":"1"}}')
+    assert resp.status == 200, await resp.text()
+    # hand_over (what SIGTERM runs): a follower does nothing, the leader hands over.
+    assert await old.hand_over(2.0) is None
+    new_leader = await target.hand_over(2.0)
+    assert new_leader in by_id
+    assert new_leader != target.node_id
+    assert by_id[new_leader].raft.metrics().state == "Leader"
+    assert target.state_machine.get("a") == "1"

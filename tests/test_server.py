@@ -27,6 +27,7 @@ from raft_http.server import SNAPSHOT_SPOOL, raft_app
 from raft_http.spool import spool_files
 from raft_http.types import (
     APPEND_ENTRIES_REQUEST,
+    TRANSFER_LEADER_REQUEST,
     VOTE_REQUEST,
     AppendEntriesRequest,
     Entry,
@@ -137,6 +138,25 @@ async def test_vote_is_handed_to_the_handler_and_answered(
         "last_log_id": None,
     }
     assert handler.calls == [("vote", VOTE_REQUEST.decode(vote_body(3)))]
+
+
+async def test_transfer_leader_is_handed_to_the_handler(
+    client: Client, handler: RecordingHandler
+) -> None:
+    body = b'{"from_leader":{"leader_id":{"term":3,"node_id":1},"committed":true},'
+    body += b'"to_node_id":2,"last_log_id":{"leader_id":{"term":3,"node_id":1},"index":9}}'
+    resp = await client.post("/transfer-leader", data=body, headers=JSON)
+    assert resp.status == 200
+    assert await resp.json() == {}
+    assert handler.calls == [("handle_transfer_leader", TRANSFER_LEADER_REQUEST.decode(body))]
+    bad = await client.post("/transfer-leader", data=b'{"to_node_id":-1}', headers=JSON)
+    assert bad.status == 400
+    assert (await bad.json())["error"]["kind"] == "bad_request"
+    handler.fail_with = Fatal("stopped")
+    resp = await client.post("/transfer-leader", data=body, headers=JSON)
+    assert resp.status == 503
+    assert (await resp.json())["error"]["kind"] == "fatal"
+    assert len(handler.calls) == 2
 
 
 async def test_append_passes_entries_through_and_answers_tagged(

@@ -59,6 +59,7 @@ from .types import (
     INSTALL_SNAPSHOT_RESPONSE,
     SNAPSHOT_META,
     SNAPSHOT_RESPONSE,
+    TRANSFER_LEADER_REQUEST,
     VOTE,
     VOTE_REQUEST,
     VOTE_RESPONSE,
@@ -72,6 +73,7 @@ from .types import (
     Snapshot,
     SnapshotMeta,
     SnapshotResponse,
+    TransferLeaderRequest,
     Vote,
     VoteRequest,
     VoteResponse,
@@ -85,6 +87,8 @@ MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 """Answers are small JSON documents; a peer sending more than this is broken."""
 EXCERPT_CHARS: Final = 200
 
+_ACK: Final = JsonCodec[dict[str, Any]](dict[str, Any])
+"""The answer of a route that only acknowledges (``{}``)."""
 _ASCII_UNSAFE = re.compile(r"[^\x00-\x7f]")
 _SNAPSHOT_READ_LOCK = threading.Lock()
 """Serialises seek+read on snapshot files, which several uploads may share."""
@@ -294,6 +298,7 @@ class HttpNetwork(RaftNetwork):
         self.base_url = parse_node_address(node.addr)
         self.append_url = self.base_url / "append"
         self.vote_url = self.base_url / "vote"
+        self.transfer_leader_url = self.base_url / "transfer-leader"
         self.snapshot_url = self.base_url / "snapshot"
 
     def __repr__(self) -> str:
@@ -319,6 +324,16 @@ class HttpNetwork(RaftNetwork):
     async def vote(self, rpc: VoteRequest, option: RPCOption) -> VoteResponse:
         return await self._rpc(
             "vote", self.vote_url, VOTE_REQUEST.encode(rpc), VOTE_RESPONSE, option, entries=0
+        )
+
+    async def transfer_leader(self, rpc: TransferLeaderRequest, option: RPCOption) -> None:
+        await self._rpc(
+            "transfer_leader",
+            self.transfer_leader_url,
+            TRANSFER_LEADER_REQUEST.encode(rpc),
+            _ACK,
+            option,
+            entries=0,
         )
 
     async def install_snapshot(

@@ -62,6 +62,7 @@ from .types import (
     INSTALL_SNAPSHOT_RESPONSE,
     SNAPSHOT_META,
     SNAPSHOT_RESPONSE,
+    TRANSFER_LEADER_REQUEST,
     VOTE,
     VOTE_REQUEST,
     VOTE_RESPONSE,
@@ -388,6 +389,12 @@ class _Routes:
         return _json(VOTE_RESPONSE, await request.app[RAFT_HANDLER].vote(rpc))
 
     @staticmethod
+    async def transfer_leader(request: web.Request) -> web.Response:
+        rpc = await _json_body(request, TRANSFER_LEADER_REQUEST)
+        await request.app[RAFT_HANDLER].handle_transfer_leader(rpc)
+        return web.Response(body=b"{}", content_type=JSON)
+
+    @staticmethod
     async def snapshot_offset(request: web.Request) -> web.Response:
         snapshot_id = _header(request, H_ID)
         held = request.app[SNAPSHOT_SPOOL].held(snapshot_id)
@@ -635,6 +642,7 @@ def raft_app(
     app.cleanup_ctx.append(spool_lifetime)
     app.router.add_post("/append", _Routes.append)
     app.router.add_post("/vote", _Routes.vote)
+    app.router.add_post("/transfer-leader", _Routes.transfer_leader)
     app.router.add_post("/snapshot", _Routes.snapshot)
     app.router.add_route("HEAD", "/snapshot", _Routes.snapshot_offset)
     return app

@@ -6,6 +6,7 @@ Routes (bodies are JSON; answers are JSON; errors are ``{"error": {"kind", "mess
 - ``POST /add-learner`` ``[4, "127.0.0.1:21004"]``
 - ``POST /change-membership`` ``[1, 2, 3, 4]``
 - ``POST /remove-learner`` ``[4]`` (learners only; voters leave by ``/change-membership``)
+- ``POST /transfer-leader`` ``2`` (or ``null``: the most up-to-date voter)
 - ``POST /write`` ``{"Set": {"key": "foo", "value": "bar"}}`` or ``{"Delete": {"key": "foo"}}``
 - ``POST /read`` ``"foo"`` (local, may be stale)
 - ``POST /consistent_read`` ``"foo"`` (linearizable: confirmed by a quorum first)
@@ -87,6 +88,8 @@ class RaftAPI(Protocol):
 
     async def change_membership(self, voters: Iterable[int], retain: bool = False) -> Any: ...
 
+    async def transfer_leader(self, to: int | None = None) -> int: ...
+
     def metrics(self) -> Any: ...
 
 
@@ -97,12 +100,17 @@ class ValueResponse(Struct, frozen=True):
 _INIT_DECODER: Final = msgspec.json.Decoder(list[tuple[NodeId, Address]])
 _LEARNER_DECODER: Final = msgspec.json.Decoder(tuple[NodeId, Address])
 _VOTERS_DECODER: Final = msgspec.json.Decoder(list[NodeId])
+_TARGET_DECODER: Final = msgspec.json.Decoder(NodeId | None)
 _KEY_DECODER: Final = msgspec.json.Decoder(str)
 
-_RETRYABLE_KINDS: Final = frozenset({"quorum_not_enough", "write_aborted", "write_outcome_unknown"})
+_RETRYABLE_KINDS: Final = frozenset(
+    {"quorum_not_enough", "write_aborted", "write_outcome_unknown", "overloaded", "transfer_failed"}
+)
 """Core refusals that a later attempt may not get: 503 with ``Retry-After`` rather than 409.
 
 ``write_aborted`` means the write was not applied; ``write_outcome_unknown`` that it may be.
+``overloaded``: the leader holds as many uncommitted writes as it may (nothing was proposed).
+``transfer_failed``: a leadership transfer did not finish in time.
 """
 
 T = TypeVar("T")
@@ -186,6 +194,7 @@ class KVApi:
             web.post("/add-learner", self.add_learner),
             web.post("/change-membership", self.change_membership),
             web.post("/remove-learner", self.remove_learner),
+            web.post("/transfer-leader", self.transfer_leader),
             web.post("/write", self.write),
             web.post("/read", self.read),
             web.post("/consistent_read", self.consistent_read),
@@ -302,6 +311,14 @@ class KVApi:
                 raise _BadRequest("a membership needs at least one voter - at `$`")
             resp = await self.raft.change_membership(set(voters), retain=False)
             return _json({"log_id": resp.log_id, "data": resp.data})
+
+        return await self._call(request, action)
+
+    async def transfer_leader(self, request: web.Request) -> web.Response:
+        async def action() -> web.Response:
+            target = await self._body(request, _TARGET_DECODER)
+            leader_id = await self.raft.transfer_leader(target)
+            return _json({"leader_id": leader_id})
 
         return await self._call(request, action)
 

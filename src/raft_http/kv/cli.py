@@ -45,6 +45,27 @@ def _non_negative_int(value: str) -> int:
     return int(value)
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds (0 to 3600), got {value!r}")
+    return seconds
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """Seconds from the environment, or ``default``; a bad value is a usage error."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return _seconds(value)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"raft-http: ${name}: {e}") from None
+
+
 def _token(value: str) -> str:
     if not value or value != value.strip():
         raise argparse.ArgumentTypeError("a token must be non-empty, without outer whitespace")
@@ -125,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the API waits for a write or a consistent read (default: %(default)s)",
     )
     node.add_argument(
+        "--transfer-timeout",
+        type=_seconds,
+        default=_env_seconds("RAFT_HTTP_TRANSFER_TIMEOUT", 2.0),
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT a leader first hands leadership to another voter, waiting "
+        "at most this long; 0: exit at once (default: $RAFT_HTTP_TRANSFER_TIMEOUT or 2)",
+    )
+    node.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -199,6 +228,8 @@ async def run_node(args: argparse.Namespace) -> int:
     try:
         await stop.wait()
         logger.info("signal received: shutting node %d down", args.id)
+        if args.transfer_timeout > 0:
+            await node.hand_over(args.transfer_timeout)
     finally:
         await node.stop()
     logger.info("node %d shut down cleanly", args.id)

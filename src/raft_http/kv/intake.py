@@ -27,7 +27,9 @@ Handler: TypeAlias = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS: Final = frozenset({"/health", "/ready"})
 """Routes that answer without the API token: probes, which must reveal only up or down."""
 
-ADMIN_PATHS: Final = frozenset({"/init", "/add-learner", "/change-membership", "/remove-learner"})
+ADMIN_PATHS: Final = frozenset(
+    {"/init", "/add-learner", "/change-membership", "/remove-learner", "/transfer-leader"}
+)
 """Routes whose bodies are a few node ids and addresses: ``ADMIN_MAX_BODY_SIZE`` applies."""
 
 ADMIN_MAX_BODY_SIZE: Final = 64 * 1024
