@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from raft_http.errors import APIError
 from raft_http.server import raft_app
 from raft_http.serving import runner_options
 from raft_http.types import (
@@ -30,6 +31,7 @@ from raft_http.types import (
     Snapshot,
     SnapshotResponse,
     Success,
+    TransferLeaderRequest,
     Vote,
     VoteRequest,
     VoteResponse,
@@ -71,6 +73,12 @@ class ToyHandler:
         del self.log[keep:]
         self.log.extend(entry.log_id for entry in rpc.entries)
         return Success()
+
+    async def handle_transfer_leader(self, rpc: TransferLeaderRequest) -> None:
+        """A real core would campaign at once; the toy only checks who sent it."""
+        self.calls.append("transfer")
+        if rpc.from_leader != self.vote_:
+            raise APIError("not_allowed", f"this node follows {self.vote_}, not the sender")
 
     async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
         self.calls.append("snapshot")

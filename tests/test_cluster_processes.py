@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,53 @@ def test_membership_from_three_to_five_and_back(
         assert cluster.call(n, "/consistent_read", "after") == {"value": "3"}
     for n in (1, 2, 3, 4, 5):
         assert cluster.terminate(n) == 0
+
+
+def test_sigterm_on_the_leader_hands_leadership_over_under_writes(
+    make_cluster: Callable[..., ProcessCluster],
+) -> None:
+    cluster = make_cluster([1, 2, 3])
+    cluster.start_all()
+    cluster.call(1, "/init", [[n, cluster.addr(n)] for n in (1, 2, 3)])
+    leader = cluster.wait_leader()
+    term = cluster.metrics(leader)["current_term"]  # type: ignore[index]
+    via = next(n for n in (1, 2, 3) if n != leader)  # writes go to a node that stays up
+    acked: list[int] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def write_steadily() -> None:
+        try:
+            for i in range(5000):
+                if stop.is_set():
+                    return
+                cluster.write(via, f"k{i}", str(i))
+                acked.append(i)
+        except BaseException as e:  # reported by the test thread
+            failures.append(e)
+
+    writer = threading.Thread(target=write_steadily, daemon=True)
+    writer.start()
+    try:
+        wait_for("writes before the stop", lambda: len(acked) >= 20 or failures)
+        assert cluster.terminate(leader) == 0
+        before = len(acked)
+        wait_for("writes after the stop", lambda: len(acked) >= before + 20 or failures)
+    finally:
+        stop.set()
+        writer.join(30)
+    assert not failures, failures
+    others = [n for n in (1, 2, 3) if n != leader]
+    new = cluster.wait_leader(others)
+    # Elected in the very next term by the transfer (no pre-vote round, no lease wait),
+    # not by an election after the old leader's heartbeats stopped.
+    assert cluster.metrics(new)["current_term"] == term + 1  # type: ignore[index]
+    assert f"starts election for term {term + 1} (leadership transfer)" in (
+        cluster.log_path(new).read_text()
+    )
+    assert f"handed leadership to node {new}" in cluster.log_path(leader).read_text()
+    for i in acked[:: max(1, len(acked) // 20)] + acked[-3:]:
+        assert cluster.call(new, "/consistent_read", f"k{i}") == {"value": str(i)}
 
 
 def test_example_script_passes(tmp_path: Path) -> None:
