@@ -206,7 +206,6 @@ class KVNode:
         except (RaftHttpError, TimeoutError) as e:
             logger.warning("node %d: leadership not handed over: %s", self.node_id, e)
             return None
-        logger.info("node %d handed leadership to node %d", self.node_id, new_leader)
         return new_leader
 
     async def stop(self) -> None:

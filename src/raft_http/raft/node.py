@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import random
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
@@ -160,6 +161,8 @@ class Raft:
         self._fatal: str | None = None
         self._running = False
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._leader_rpcs = 0
+        """AppendEntries / snapshots from the leader this node follows, being handled now."""
 
         self._lock = asyncio.Lock()
         self._sm_lock = asyncio.Lock()
@@ -409,6 +412,8 @@ class Raft:
                 await asyncio.sleep(self._election_deadline - now)
                 continue
             self._reset_election_deadline()
+            if self._leader_rpcs:
+                continue  # the leader's request is being handled (a slow fsync): it is alive
             if self.membership.membership.is_voter(self.id):
                 await self._elect()
 
@@ -582,10 +587,34 @@ class Raft:
         return await self._uncancellable(self._handle_vote(rpc))
 
     async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
-        return await self._uncancellable(self._handle_append_entries(rpc))
+        return await self._uncancellable(
+            self._hearing_leader(rpc.vote, self._handle_append_entries(rpc))
+        )
 
     async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
-        return await self._uncancellable(self._handle_install_snapshot(vote, snapshot))
+        return await self._uncancellable(
+            self._hearing_leader(vote, self._handle_install_snapshot(vote, snapshot))
+        )
+
+    async def _hearing_leader(self, vote: Vote, work: Coroutine[Any, Any, _T]) -> _T:
+        """Run an RPC; if it comes from the leader we follow, that leader counts as heard
+        from while it runs and when it ends, not only when it arrived.
+
+        The leader keeps one request in flight per follower: when a follower's fsync (or
+        a snapshot install) takes longer than an election timeout, it would otherwise
+        campaign, and grant votes past its lease, while handling its live leader's
+        request. Under load that alone caused elections (issue #9, item 8).
+        """
+        if vote != self._vote or not vote.committed:
+            return await work
+        self._leader_rpcs += 1
+        try:
+            return await work
+        finally:
+            self._leader_rpcs -= 1
+            if self._vote == vote and self._leader is None:
+                self._lease_until = self._loop.time() + self.config.election_timeout_min
+                self._reset_election_deadline()
 
     async def handle_transfer_leader(self, rpc: TransferLeaderRequest) -> None:
         """The leader hands over: once the log holds ``rpc.last_log_id``, campaign at once."""
@@ -628,7 +657,7 @@ class Raft:
                 leading=self._leader is not None,
                 vote=mine,
                 now=now,
-                lease_until=self._lease_until,
+                lease_until=math.inf if self._leader_rpcs else self._lease_until,
             )
             verdict = decide_vote(rpc, mine=mine, last_log_id=last, leased=leased)
             if verdict is VoteVerdict.REFUSE:
