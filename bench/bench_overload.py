@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import ProcessCluster, Report, fmt, parse_args, quantiles
 
 IDS = (1, 2, 3)
+JSON = {"Content-Type": "application/json"}
 ELECTION = re.compile(r"starts election for term \d+(?! \(leadership transfer\))")
 
 
@@ -97,7 +98,9 @@ class Load:
             started = time.monotonic()
             kind = "error"
             try:
-                async with session.post(url, data=body, allow_redirects=False) as resp:
+                async with session.post(
+                    url, data=body, headers=JSON, allow_redirects=False
+                ) as resp:
                     answer = await resp.read()
                     if resp.status == 200:
                         self.latencies.append(time.monotonic() - started)

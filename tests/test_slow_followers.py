@@ -1,9 +1,10 @@
-"""Followers whose storage is slower than an election timeout keep their leader (issue #9, 8).
+"""Busy or slow followers keep their live leader (issue #9, item 8: load caused elections).
 
-The leader keeps one AppendEntries in flight per follower. A follower that takes 0.4 s
-to make a batch durable (election timeouts are 0.08-0.16 s here) hears nothing else
-while it does; it must still count its leader as alive, neither campaigning nor
-granting another node's (pre-)vote, because it is handling that leader's request.
+The leader keeps one AppendEntries in flight per follower. A follower whose storage takes
+longer than an election timeout to make a batch durable hears nothing else meanwhile; it
+must still count its leader as alive, and not grant another node's (pre-)vote, because it
+is handling that leader's request. And a follower whose timer fired on a busy loop, but
+which hears from its leader while it pre-votes, must not go on to depose that leader.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from raft_cluster import Cluster
+from raft_http.raft import ServerState
 from raft_http.testing import ListStateMachine
 from raft_http.types import AppendEntriesRequest, LeaderId, Success, Vote, VoteRequest
 from test_raft_review import (
@@ -44,3 +47,21 @@ async def test_a_follower_busy_with_its_leaders_append_refuses_other_candidates(
         assert raft.metrics().current_leader == 1
     finally:
         await raft.shutdown()
+
+
+async def test_a_follower_that_hears_its_leader_during_the_pre_vote_does_not_campaign(
+    cluster: Cluster,
+) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    follower, other = (n for n in cluster.nodes.values() if n is not leader)
+    await follower.wait_for(lambda m: m.current_leader == leader.id, 2)
+    term = leader.metrics().current_term
+    # ``other`` stops hearing from the leader, so its lease lapses and it grants pre-votes;
+    # the follower's pre-vote to it takes 0.1 s, during which the leader's appends arrive.
+    cluster.router.block(leader.id, other.id)
+    await asyncio.sleep(0.3)
+    cluster.router.set_delay(follower.id, other.id, 0.1)
+    await follower._elect()  # what its election timer does once it fires (a busy loop)
+    assert follower.metrics().current_term == term
+    assert leader.metrics().state is ServerState.LEADER
+    assert leader.metrics().current_term == term

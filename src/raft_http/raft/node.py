@@ -453,10 +453,16 @@ class Raft:
             )
             return
         candidate = Vote(LeaderId(term, self.id))
+        heard = self._lease_until
         if not transfer and not await self._collect_votes(candidate, pre_vote=True):
             return
         async with self._lock:
             if self._leader is not None or self._vote.term >= term or not self._running:
+                return
+            if not transfer and self._lease_until > heard:
+                # The leader's AppendEntries arrived during the pre-vote (a busy loop ran the
+                # timer first): it is alive, so do not depose it.
+                log.debug("node %s heard from its leader while pre-voting; stays", self.id)
                 return
             await self._save_vote(candidate)
             self._state = ServerState.CANDIDATE
