@@ -182,7 +182,9 @@ def main() -> None:
 
     args, size = parse_args(__doc__, extra=extra)
     seconds = args.seconds or (60.0 if size.name == "full" else 15.0 if size.name == "quick" else 3)
-    report = Report("overload", size, "Overload: many writers, large values, 3 node processes")
+    report = Report(
+        "bench_overload", size, "Overload: many writers, large values, 3 node processes"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as scratch:
         results = asyncio.run(run(args, args.keep or Path(scratch), seconds))
     rows = []

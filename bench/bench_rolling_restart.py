@@ -93,16 +93,21 @@ def longest_gap(times: list[float], start: float, end: float) -> float:
     return max(b - a for a, b in itertools.pairwise(points))
 
 
-def restart_all(cluster: ProcessCluster, settle: float, only_leader: bool) -> tuple[int, list[str]]:
-    """SIGTERM and restart each node (or just the leader) in turn; returns how many were
-    leading when stopped, and notes."""
-    hit_leader = 0
+def restart_all(
+    cluster: ProcessCluster, settle: float, only_leader: bool
+) -> tuple[list[tuple[bool, float, float]], list[str]]:
+    """SIGTERM and restart each node (or just the leader) in turn.
+
+    Returns, per restart, (whether it was leading, when SIGTERM was sent, when it was
+    back and caught up), and notes.
+    """
+    windows = []
     notes = []
     for node in IDS:
         leader = cluster.wait_leader(timeout=20)
         if only_leader:
             node = leader
-        hit_leader += node == leader
+        stopped = time.monotonic()
         code = cluster.terminate(node, timeout=20)
         if code != 0:
             notes.append(f"node {node} exited {code}")
@@ -110,10 +115,11 @@ def restart_all(cluster: ProcessCluster, settle: float, only_leader: bool) -> tu
         cluster.wait_leader(timeout=20)
         target = cluster.applied(cluster.wait_leader(timeout=20))
         cluster.wait_applied([node], target, timeout=30)
+        windows.append((node == leader, stopped, time.monotonic()))
         time.sleep(settle)
         if only_leader:
             break
-    return hit_leader, notes
+    return windows, notes
 
 
 def elections(cluster: ProcessCluster) -> tuple[int, int]:
@@ -142,16 +148,19 @@ async def one_round(
         loading = asyncio.create_task(load.run())
         await asyncio.sleep(settle)
         start = time.monotonic()
-        hit, notes = await asyncio.to_thread(restart_all, cluster, settle, only_leader)
+        windows, notes = await asyncio.to_thread(restart_all, cluster, settle, only_leader)
         end = time.monotonic()
         load.stop.set()
         await loading
         transfers, others = elections(cluster)
         done = [t for t in load.acked if start <= t <= end]
+        gaps = [(lead, longest_gap(load.acked, a, b)) for lead, a, b in windows]
         return {
             "gap": longest_gap(load.acked, start, end),
+            "leader_gaps": [g for lead, g in gaps if lead],
+            "follower_gaps": [g for lead, g in gaps if not lead],
             "writes_per_s": len(done) / (end - start),
-            "hit_leader": hit,
+            "hit_leader": len([g for lead, g in gaps if lead]),
             "transfers": transfers - base_transfers,
             "elections": others - base_others,
             "retries": load.failed,
@@ -170,7 +179,9 @@ def main() -> None:
     args, size = parse_args(__doc__, extra=extra)
     rounds = args.rounds or (1 if size.name != "full" else 3)
     settle = 1.0 if size.name == "full" else 0.3
-    report = Report("rolling_restart", size, "Rolling restart of 3 node processes under writes")
+    report = Report(
+        "bench_rolling_restart", size, "Rolling restart of 3 node processes under writes"
+    )
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-rolling-") as scratch:
         tmp = args.keep or scratch
@@ -187,6 +198,8 @@ def main() -> None:
             [
                 mode,
                 fmt_spread([run["gap"] * 1000 for run in runs]),
+                fmt_spread([g * 1000 for run in runs for g in run["leader_gaps"]]),
+                fmt_spread([g * 1000 for run in runs for g in run["follower_gaps"]]),
                 fmt_spread([run["writes_per_s"] for run in runs]),
                 sum(run["hit_leader"] for run in runs),
                 sum(run["transfers"] for run in runs),
@@ -201,6 +214,8 @@ def main() -> None:
         [
             "SIGTERM behaviour",
             "longest write gap ms",
+            "per leader restart ms",
+            "per follower restart ms",
             "writes/s",
             "leader restarts",
             "transfers",
@@ -209,7 +224,9 @@ def main() -> None:
         ],
         rows,
         note="Gap: the longest time without an acknowledged write while nodes restart "
-        "(median and range over rounds). Elections counted from the nodes' logs.",
+        "(median and range over rounds), then per restart of a node that was leading or "
+        "following (SIGTERM until it is back and caught up; median and range over "
+        "restarts). Elections counted from the nodes' logs.",
     )
     gaps = {mode: sorted(run["gap"] for run in runs) for mode, runs in results.items()}
     with_t, without = (gaps[m][len(gaps[m]) // 2] for m in MODES)
