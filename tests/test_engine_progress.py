@@ -49,6 +49,7 @@ def test_needs_snapshot_when_the_entry_before_next_is_purged(
 def test_matched_advances_and_never_goes_back() -> None:
     p = Progress(10, 300)
     p.sent(9)
+    assert p.in_flight == 9
     assert p.matched(lid(1, 9), sent_at=5.0)
     assert (p.matching, p.next_index, p.state, p.in_flight) == (
         lid(1, 9),
@@ -91,8 +92,10 @@ def test_conflict_searches_back_halfway_to_the_known_match(
         p.matched(matching, 0.0)  # type: ignore[arg-type]
     got = []
     for prev_index in probes:
+        p.sent(prev_index)
         p.conflict(prev_index)
         assert p.state is ProgressState.PROBE
+        assert p.in_flight is None
         got.append(p.next_index)
     assert got == expected_next
 

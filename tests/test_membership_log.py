@@ -101,3 +101,25 @@ def test_removed_only_after_being_a_member() -> None:
     assert snapshot.removed(4)
     snapshot.track([change(6, 1, 2, 4)])
     assert not snapshot.removed(4)
+
+
+def test_forget_since_never_drops_the_base() -> None:
+    base = StoredMembership(LogId(LeaderId(1, 1), 5), config(1, 2))
+    log = MembershipLog(base)
+    log.track([change(6, 1, 2, 3)])
+    log.forget_since(3)
+    assert log.effective == base
+
+
+def test_rebase_keeps_only_memberships_past_the_index() -> None:
+    log = MembershipLog()
+    log.track([change(5, 1, 2), change(8, 1, 2, 3)])
+    snapshot_base = StoredMembership(LogId(LeaderId(1, 1), 3), config(1))
+    log.rebase(snapshot_base, 3)
+    assert voters_at(log, 3) == [[1]]
+    assert voters_at(log, 6) == [[1, 2]]  # the first one past the base is kept
+    assert voters_at(log, 9) == [[1, 2, 3]]
+    at_the_index = MembershipLog()
+    at_the_index.track([change(3, 1, 2), change(8, 1, 2, 3)])
+    at_the_index.rebase(snapshot_base, 3)
+    assert at_the_index.at(3) == snapshot_base  # one at the index itself is replaced

@@ -21,12 +21,10 @@ EMPTY: Final = StoredMembership(None, Membership([], {}))
 class MembershipLog:
     """Memberships in log order; the first is the base (from a snapshot, or empty)."""
 
-    __slots__ = ("_former", "_stored")
+    __slots__ = ("_stored",)
 
     def __init__(self, base: StoredMembership = EMPTY) -> None:
         self._stored = [base]
-        self._former: set[int] = set()
-        """Members of committed memberships no longer held (compacted away)."""
 
     @property
     def effective(self) -> StoredMembership:
@@ -37,17 +35,15 @@ class MembershipLog:
         """Whether ``node_id`` is out of the membership in force, having been in one before.
 
         A new learner catching up from the start of the log is in no membership yet:
-        that is not being removed. Past a snapshot (the base), earlier memberships are
-        unknown, so a node in none of those held counts as removed; a learner that
-        installed a snapshot older than its own addition reads so only until the entry
-        adding it arrives.
+        that is not being removed. Past a base from a snapshot or a compaction, earlier
+        memberships are unknown, so a node in none of those held counts as removed; a
+        learner that installed a snapshot older than its own addition reads so only
+        until the entry adding it arrives.
         """
         if node_id in self.effective.membership.nodes:
             return False
-        return (
-            node_id in self._former
-            or self._stored[0].log_id is not None
-            or any(node_id in stored.membership.nodes for stored in self._stored)
+        return self._stored[0].log_id is not None or any(
+            node_id in stored.membership.nodes for stored in self._stored
         )
 
     def at(self, index: int) -> StoredMembership:
@@ -73,9 +69,6 @@ class MembershipLog:
 
     def rebase(self, base: StoredMembership, after: int) -> None:
         """Start from ``base`` (a snapshot's), keeping only memberships past log ``after``."""
-        for dropped in self._stored:
-            if log_index(dropped.log_id) <= after:
-                self._former.update(dropped.membership.nodes)
         self._stored = [base] + [m for m in self._stored[1:] if log_index(m.log_id) > after]
 
     def compact(self, upto: int) -> None:
