@@ -10,37 +10,67 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import math
 import os
+import re
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
 
 from .. import __version__
+from ..client import parse_node_address
 from ..raft import Config
+from ..types import NodeId
 from .admin import add_admin_commands, run_admin
+from .datadir import DataDirError
 from .node import KVNode
 
 logger = logging.getLogger("raft_http.kv.cli")
 _DEFAULTS = Config()
 
 
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    if not sep or not host or not _DIGITS.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 1-65535), got {value!r}")
     return host.strip("[]"), int(port)
 
 
+def _node_id(value: str) -> int:
+    """A node id as the wire and the store bound it (``types.NodeId``)."""
+    try:
+        return msgspec.convert(_non_negative_int(value), NodeId)
+    except msgspec.ValidationError as e:
+        raise argparse.ArgumentTypeError(f"expected a node id, got {value!r}: {e}") from None
+
+
+def _address(value: str) -> str:
+    """A node address, checked as ``/add-learner`` and ``/init`` check theirs."""
+    try:
+        parse_node_address(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}") from None
+    return value
+
+
 def _positive_int(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    if not _DIGITS.fullmatch(value) or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return int(value)
 
 
 def _non_negative_int(value: str) -> int:
-    if not value.isdigit():
+    if not _DIGITS.fullmatch(value):
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
     return int(value)
 
@@ -52,6 +82,16 @@ def _seconds(value: str) -> float:
         seconds = -1.0
     if not 0 <= seconds < 3600:
         raise argparse.ArgumentTypeError(f"expected seconds (0 to 3600), got {value!r}")
+    return seconds
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= 86400:  # NaN and inf fail too
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 86400], got {value!r}")
     return seconds
 
 
@@ -88,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run one node",
         description="Run one node: the KV API at /, the Raft routes at /raft.",
     )
-    node.add_argument("--id", type=_non_negative_int, required=True, help="this node's id")
+    node.add_argument("--id", type=_node_id, required=True, help="this node's id")
     node.add_argument(
         "--listen", type=_host_port, required=True, metavar="HOST:PORT", help="where to listen"
     )
@@ -97,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--advertise",
+        type=_address,
         metavar="ADDR",
         help="this node's address for peers and clients (default: the --listen address)",
     )
@@ -140,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--write-timeout",
-        type=float,
+        type=_positive_seconds,
         default=10.0,
         metavar="SECONDS",
         help="how long the API waits for a write or a consistent read (default: %(default)s)",
@@ -172,18 +213,59 @@ def _ssl_contexts(
         return None, None
     if args.tls_cert is None or args.tls_key is None:
         raise SystemExit("raft-http: --tls-cert and --tls-key go together")
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(args.tls_cert, args.tls_key)
-    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca)
-    client.load_cert_chain(args.tls_cert, args.tls_key)
+    for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        _readable_file(option, path)
     if args.tls_ca is not None:
-        server.load_verify_locations(args.tls_ca)
+        _readable_file("--tls-ca", args.tls_ca)
+    try:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(args.tls_cert, args.tls_key)
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        client.load_cert_chain(args.tls_cert, args.tls_key)
+    except ssl.SSLError as e:
+        raise SystemExit(
+            f"raft-http: --tls-cert {args.tls_cert} / --tls-key {args.tls_key}: "
+            f"not a certificate and its key ({e.reason or e})"
+        ) from None
+    if args.tls_ca is not None:
+        try:
+            client.load_verify_locations(args.tls_ca)
+            server.load_verify_locations(args.tls_ca)
+        except ssl.SSLError as e:
+            raise SystemExit(
+                f"raft-http: --tls-ca {args.tls_ca}: not a CA certificate ({e.reason or e})"
+            ) from None
         server.verify_mode = ssl.CERT_REQUIRED
     return server, client
 
 
+def _readable_file(option: str, path: str) -> None:
+    if not os.path.isfile(path):
+        what = "is not a file" if os.path.exists(path) else "does not exist"
+        raise SystemExit(f"raft-http: {option} {path} {what}")
+    if not os.access(path, os.R_OK):
+        raise SystemExit(f"raft-http: {option} {path} is not readable")
+
+
+def _check_listen(host: str, port: int) -> None:
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise SystemExit(
+            f"raft-http: --listen {host}:{port}: cannot resolve {host!r} ({e.strerror})"
+        ) from None
+
+
+def _check_data_dir(path: str) -> None:
+    data_dir = Path(path)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise SystemExit(f"raft-http: --data-dir {path} is not a directory")
+
+
 async def run_node(args: argparse.Namespace) -> int:
     host, port = args.listen
+    _check_listen(host, port)
+    _check_data_dir(args.data_dir)
     server_ssl, client_ssl = _ssl_contexts(args)
     config = Config(
         cluster_name=args.cluster or _DEFAULTS.cluster_name,
@@ -225,14 +307,33 @@ async def run_node(args: argparse.Namespace) -> int:
             "write and read this node",
             node.url,
         )
+    return await serve(node, stop, args.transfer_timeout)
+
+
+async def serve(node: KVNode, stop: asyncio.Event, transfer_timeout: float = 0.0) -> int:
+    """Run a started node until ``stop`` is set (0) or it fails fatally (1, reason on stderr).
+
+    On a signal, a leader first hands leadership over (within ``transfer_timeout``; 0:
+    not). A node that stopped after a storage error must not linger as a live process that
+    answers 503 forever: a supervisor (systemd, Kubernetes) restarts or reports it.
+    """
+    stopping = asyncio.create_task(stop.wait(), name="raft-http-signal")
+    fatal = asyncio.create_task(node.wait_fatal(), name="raft-http-fatal")
     try:
-        await stop.wait()
-        logger.info("signal received: shutting node %d down", args.id)
-        if args.transfer_timeout > 0:
-            await node.hand_over(args.transfer_timeout)
+        await asyncio.wait({stopping, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        reason = fatal.result() if fatal.done() else None
+        if reason is None:
+            logger.info("signal received: shutting node %d down", node.node_id)
+            if transfer_timeout > 0:
+                await node.hand_over(transfer_timeout)
     finally:
-        await node.stop()
-    logger.info("node %d shut down cleanly", args.id)
+        stopping.cancel()
+        fatal.cancel()
+    await node.stop()
+    if reason is not None:
+        print(f"raft-http: node {node.node_id} stopped: {reason}", file=sys.stderr, flush=True)
+        return 1
+    logger.info("node %d shut down cleanly", node.node_id)
     return 0
 
 
@@ -247,9 +348,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return asyncio.run(run_node(args))
-    except OSError as e:
+    except DataDirError as e:
         logger.error("cannot run node %d: %s", args.id, e)
         return 1
+    except OSError as e:
+        logger.error("cannot run node %d: %s", args.id, _os_error(e, args))
+        return 1
+
+
+def _os_error(e: OSError, args: argparse.Namespace) -> str:
+    """The error with its culprit named: the address for a bind error, else the file."""
+    host, port = args.listen
+    if e.errno == errno.EADDRINUSE:
+        return f"--listen {host}:{port}: address already in use"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"--listen {host}:{port}: no such local address"
+    if e.errno == errno.EACCES and not e.filename:
+        return f"--listen {host}:{port}: permission denied"
+    if e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
 
 
 if __name__ == "__main__":

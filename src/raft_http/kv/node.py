@@ -27,6 +27,7 @@ from ..server import raft_app
 from ..serving import runner_options
 from ..types import Node
 from .api import KV_API, base_url, kv_api
+from .datadir import DataDir
 from .instruments import InstrumentedLogStore, NodeInstruments
 from .state_machine import KVStateMachine
 
@@ -104,6 +105,7 @@ class KVNode:
         self._log_store: SqliteLogStore | None = None
         self._network: RaftNetworkFactory | None = None
         self._runner: web.AppRunner | None = None
+        self._data_dir: DataDir | None = None
 
     @property
     def raft(self) -> Raft:
@@ -121,14 +123,18 @@ class KVNode:
         return base_url(self.addr, self.scheme)
 
     async def start(self) -> None:
+        """Start, or fail leaving the data directory as it was (a new one is removed)."""
+        data_dir = DataDir(self.data_dir)
         try:
+            await asyncio.to_thread(data_dir.acquire, self.node_id)
+            self._data_dir = data_dir
             await self._start()
         except BaseException:
             await self.stop()
+            await asyncio.to_thread(data_dir.discard_created)
             raise
 
     async def _start(self) -> None:
-        await asyncio.to_thread(self.data_dir.mkdir, parents=True, exist_ok=True)
         self._log_store = await InstrumentedLogStore.open_counted(
             self.data_dir / "raft.sqlite3", self.instruments
         )
@@ -208,6 +214,15 @@ class KVNode:
             return None
         return new_leader
 
+    async def wait_fatal(self) -> str:
+        """Wait until the core stops after a fatal error; answers the reason."""
+        while True:
+            try:
+                metrics = await self.raft.wait_for(lambda m: m.fatal is not None, 3600.0)
+            except TimeoutError:
+                continue
+            return metrics.fatal or "fatal error"
+
     async def stop(self) -> None:
         """Stop Raft first (no more RPCs), then the network's sessions, then the server."""
         raft, self._raft = self._raft, None
@@ -222,6 +237,9 @@ class KVNode:
             await runner.cleanup()
         if log_store is not None:
             await log_store.close()
+        data_dir, self._data_dir = self._data_dir, None
+        if data_dir is not None:
+            await asyncio.to_thread(data_dir.release)
         logger.info("node %d stopped", self.node_id)
 
 
