@@ -162,6 +162,7 @@ def test_cli_port_in_use_names_the_address_and_leaves_nothing(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
+        (["--id", str(2**63)], "--id"),
         (["--id", "-1"], "--id"),
         (["--id", "1e3"], "--id"),
         (["--write-timeout", "-1"], "--write-timeout"),
