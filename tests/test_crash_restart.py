@@ -272,10 +272,14 @@ def test_sigkill_and_restart_lose_no_acknowledged_write(cluster: ProcessCluster,
     )
     assert ms[0]["current_leader"] == leader
     assert ms[0]["last_applied"]["index"] >= max(indexes)
-    # The run did exercise snapshots and purges on every node, and kept its three voters.
+    # The run kept its three voters, and exercised snapshots and purges on every node once
+    # its log grew past two snapshot intervals (on a starved machine a run may commit only a
+    # few dozen entries: then there was nothing to snapshot, which is no failure).
+    snapshot_every = int(NODE_ARGS[NODE_ARGS.index("--snapshot-logs") + 1])
     for m in ms:
-        assert m["snapshot"] is not None, m
-        assert m["purged"] is not None, m
         assert [sorted(c) for c in m["membership_config"]["membership"]["configs"]] == [NODES]
+        if m["last_applied"]["index"] >= 2 * snapshot_every:
+            assert m["snapshot"] is not None, m
+            assert m["purged"] is not None, m
     applied_unknown = sum(_read(cluster, leader, f"k{n}") is not None for n in log.unknown)
     print(f"seed {seed}: {applied_unknown} of {len(log.unknown)} unknown outcomes were applied")
