@@ -120,9 +120,15 @@ async def test_a_removed_voter_knows_it_refuses_reads_and_writes_and_stops_campa
     )
     assert after == votes, "a removed node campaigns"
     assert victim.metrics().state is ServerState.REMOVED
-    # After a restart it still knows.
+    # After a restart it still knows, also when it restarts from a snapshot of its own.
     await cluster.restart(victim_id)
     assert cluster.nodes[victim_id].metrics().state is ServerState.REMOVED
+    await cluster.nodes[victim_id].trigger_snapshot()
+    await cluster.nodes[victim_id].wait_for(lambda m: m.snapshot is not None, 5.0, "a snapshot")
+    await cluster.restart(victim_id)
+    restarted = cluster.nodes[victim_id].metrics()
+    assert restarted.snapshot is not None
+    assert restarted.state is ServerState.REMOVED
 
 
 async def test_a_removed_leader_knows_it(cluster: Cluster) -> None:

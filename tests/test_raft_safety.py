@@ -307,3 +307,41 @@ async def test_linearizable_read_waits_for_the_read_index_to_be_applied(tmp_path
     finally:
         machine.release.set()
         await c.close()
+
+
+async def test_membership_change_waits_for_the_previous_one_to_commit(cluster: Cluster) -> None:
+    """One membership change at a time: the next waits until the last one is committed.
+
+    Two voters; the leader's own disk stalls, so its entries reach the follower (which
+    acknowledges them, keeping the leader in office) but cannot commit without the
+    leader's flush. A second change then gives up with ``QuorumNotEnough``.
+    """
+    ids = [1, 2]
+    init = first_entry(ids)
+    vote = Vote(LeaderId(1, 1), True)
+    for node_id in ids:
+        store = StalledStore()
+        store.stalled = False
+        await prepared(store, [init], vote, init.log_id)
+        cluster.stores[node_id] = store
+    await start(cluster, 2, elect=False)
+    await start(cluster, 1, elect=True)
+    leader = await cluster.leader(among=[1])
+    stalled = cluster.stores[1]
+    assert isinstance(stalled, StalledStore)
+    stalled.stalled = True
+    try:
+        current = leader.membership.membership
+        learner = Membership(current.configs, {**current.nodes, 3: Node("mem-3")})
+        first = asyncio.ensure_future(leader._propose(MembershipChange(learner)))
+        await cluster.nodes[2].wait_for(
+            lambda m: 3 in m.membership_config.membership.nodes, 5.0, "the follower holds it"
+        )
+        with pytest.raises(QuorumNotEnough, match="current membership did not commit"):
+            await leader.change_membership([1, 2])
+        assert leader.metrics().state is ServerState.LEADER
+    finally:
+        stalled.stalled = False
+        stalled.release.set()
+    await first
+    await leader.change_membership([1, 2])
