@@ -27,7 +27,15 @@ from .errors import (
     Timeout,
     Unreachable,
 )
-from .network import Backoff, RaftHandler, RaftNetwork, RaftNetworkFactory, RPCOption
+from .network import (
+    AppendStream,
+    Backoff,
+    RaftHandler,
+    RaftNetwork,
+    RaftNetworkFactory,
+    RPCOption,
+    SerialAppendStream,
+)
 from .types import (
     MAX_INDEX,
     MAX_NODE_ID,
@@ -88,6 +96,7 @@ __all__ = [
     "APIError",
     "AppendEntriesRequest",
     "AppendEntriesResponse",
+    "AppendStream",
     "Backoff",
     "Blank",
     "Closed",
@@ -124,6 +133,7 @@ __all__ = [
     "RaftNetworkFactory",
     "RemoteError",
     "ReplicationClosed",
+    "SerialAppendStream",
     "Snapshot",
     "SnapshotMeta",
     "SnapshotMismatch",

@@ -10,11 +10,13 @@ so that a long upload never delays a heartbeat to the same node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import ssl as ssl_module
 import threading
 import warnings
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, BinaryIO, Final, NoReturn, TypeVar
 
@@ -37,7 +39,15 @@ from .errors import (
     Timeout,
     Unreachable,
 )
-from .network import Backoff, RaftNetwork, RaftNetworkFactory, RPCOption
+from .network import (
+    AppendStream,
+    Backoff,
+    RaftNetwork,
+    RaftNetworkFactory,
+    RPCOption,
+    SerialAppendStream,
+    reset_error,
+)
 from .protocol import (
     H_CLUSTER,
     H_SNAPSHOT_ID,
@@ -89,6 +99,11 @@ EXCERPT_CHARS: Final = 200
 
 _ACK: Final = JsonCodec[dict[str, Any]](dict[str, Any])
 """The answer of a route that only acknowledges (``{}``)."""
+STREAM_RECHECK_AFTER: Final = 60.0
+"""Seconds before a peer that refused ``/append-stream`` (404/405) is offered it again."""
+_NO_STREAM_STATUSES: Final = frozenset({404, 405, 501})
+_UPGRADE_REFUSED_KINDS: Final = {401: "unauthorized", 412: "cluster_mismatch"}
+
 _ASCII_UNSAFE = re.compile(r"[^\x00-\x7f]")
 _SNAPSHOT_READ_LOCK = threading.Lock()
 """Serialises seek+read on snapshot files, which several uploads may share."""
@@ -216,6 +231,8 @@ class HttpNetworkFactory(RaftNetworkFactory):
         self._backoff = backoff or (lambda: Backoff.constant(0.5))
         self.max_resume_attempts = max_resume_attempts
         self.trace_configs = list(trace_configs)  # e.g. counting RPCs per peer and route
+        self._no_stream: dict[str, float] = {}
+        """Stream URL -> loop time a peer refused the upgrade; it gets POSTs for a while."""
 
     async def __aenter__(self) -> HttpNetworkFactory:
         return self
@@ -253,6 +270,19 @@ class HttpNetworkFactory(RaftNetworkFactory):
         if self._snapshot_session is None:
             self._snapshot_session = self._new_session()
         return self._snapshot_session
+
+    def offers_stream(self, url: URL) -> bool:
+        """False for a while after ``url`` refused the upgrade (an older or simpler peer)."""
+        refused = self._no_stream.get(str(url))
+        if refused is None:
+            return True
+        if asyncio.get_running_loop().time() - refused >= STREAM_RECHECK_AFTER:
+            del self._no_stream[str(url)]
+            return True
+        return False
+
+    def stream_refused(self, url: URL) -> None:
+        self._no_stream[str(url)] = asyncio.get_running_loop().time()
 
     async def close(self) -> None:
         self._closed = True
@@ -297,6 +327,7 @@ class HttpNetwork(RaftNetwork):
         self.node = node
         self.base_url = parse_node_address(node.addr)
         self.append_url = self.base_url / "append"
+        self.append_stream_url = self.base_url / "append-stream"
         self.vote_url = self.base_url / "vote"
         self.transfer_leader_url = self.base_url / "transfer-leader"
         self.snapshot_url = self.base_url / "snapshot"
@@ -320,6 +351,12 @@ class HttpNetwork(RaftNetwork):
             option,
             entries=len(rpc.entries),
         )
+
+    def stream_append(self, option: RPCOption) -> AppendStream:
+        """A WebSocket to ``/append-stream``; plain POSTs to a peer that does not offer it."""
+        if not self.factory.offers_stream(self.append_stream_url):
+            return SerialAppendStream(self, option)
+        return _WebSocketAppendStream(self, option)
 
     async def vote(self, rpc: VoteRequest, option: RPCOption) -> VoteResponse:
         return await self._rpc(
@@ -638,3 +675,241 @@ class HttpNetwork(RaftNetwork):
                 f"{_excerpt(answer)!r}",
                 target=self.target,
             ) from None
+
+
+class _Pending:
+    """One request of an append stream awaiting its answer."""
+
+    __slots__ = ("body", "deadline", "future", "rpc")
+
+    def __init__(
+        self,
+        rpc: AppendEntriesRequest,
+        future: asyncio.Future[AppendEntriesResponse],
+        deadline: float,
+    ) -> None:
+        self.rpc = rpc
+        self.body = APPEND_ENTRIES_REQUEST.encode(rpc)
+        self.future = future
+        self.deadline = deadline
+
+
+class _StreamFailed(Exception):
+    """The channel failed: ``first`` is the oldest pending request's error."""
+
+    def __init__(self, first: Exception) -> None:
+        super().__init__(str(first))
+        self.first = first
+
+
+class _WebSocketAppendStream(AppendStream):
+    """AppendEntries over one WebSocket to ``/append-stream``, answered in order.
+
+    One task per connection writes what ``send`` queued and reads the answers; the
+    oldest unanswered request's deadline (``hard_ttl`` after its ``send``) bounds
+    every wait. Any transport failure closes the socket and fails what is pending;
+    the next ``send`` connects again. A peer refusing the upgrade with 404/405 gets
+    the same requests as POSTs, one at a time (remembered by the factory).
+    """
+
+    def __init__(self, network: HttpNetwork, option: RPCOption) -> None:
+        self._network = network
+        self._option = option
+        self._pending: deque[_Pending] = deque()  # sent or queued, unanswered, in order
+        self._unsent: deque[_Pending] = deque()
+        self._more = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._read_deadline: asyncio.Timeout | None = None
+        self._fallback: SerialAppendStream | None = None
+        self._closed = False
+
+    def send(self, rpc: AppendEntriesRequest) -> asyncio.Future[AppendEntriesResponse]:
+        if self._closed:
+            raise RuntimeError("send on a closed AppendStream")
+        if self._fallback is not None:
+            return self._fallback.send(rpc)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(rpc, loop.create_future(), loop.time() + self._option.hard_ttl)
+        self._pending.append(pending)
+        self._unsent.append(pending)
+        self._more.set()
+        if self._read_deadline is not None and self._read_deadline.when() is None:
+            self._read_deadline.reschedule(pending.deadline)
+        if self._task is None:
+            self._task = asyncio.create_task(
+                self._run(), name=f"append-stream-{self._network.target}"
+            )
+        return pending.future
+
+    async def aclose(self) -> None:
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for pending in self._pending:
+            pending.future.cancel()
+        self._pending.clear()
+        self._unsent.clear()
+        if self._fallback is not None:
+            await self._fallback.aclose()
+
+    async def _run(self) -> None:
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        try:
+            ws = await self._connect()
+            if ws is None:
+                self._use_posts()
+                return
+            await self._serve(ws)
+        except _StreamFailed as e:
+            self._fail_pending(e.first)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug of ours: fail the requests rather than hang them
+            self._fail_pending(NetworkError(f"append stream failed: {e!r}"))
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+            self._read_deadline = None
+            if ws is not None:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+
+    def _fail_pending(self, first: Exception) -> None:
+        failed = list(self._pending)
+        self._pending.clear()
+        self._unsent.clear()
+        for i, pending in enumerate(failed):
+            if not pending.future.done():
+                pending.future.set_exception(first if i == 0 else reset_error(first))
+
+    def _use_posts(self) -> None:
+        """The peer has no stream: hand what is pending, in order, to a POST stream."""
+        self._network.factory.stream_refused(self._network.append_stream_url)
+        self._fallback = SerialAppendStream(self._network, self._option)
+        waiting = list(self._pending)
+        self._pending.clear()
+        self._unsent.clear()
+        for pending in waiting:
+            _chain(self._fallback.send(pending.rpc), pending.future)
+
+    async def _connect(self) -> aiohttp.ClientWebSocketResponse | None:
+        network = self._network
+        factory = network.factory
+        action = "append_entries"
+        try:
+            async with asyncio.timeout_at(self._pending[0].deadline):
+                return await factory.session().ws_connect(
+                    network.append_stream_url,
+                    headers=factory.headers,
+                    ssl=factory.ssl,
+                    autoping=True,
+                    max_msg_size=MAX_ANSWER_BYTES,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=min(1.0, self._option.hard_ttl)),
+                )
+        except aiohttp.WSServerHandshakeError as e:
+            if e.status in _NO_STREAM_STATUSES or 200 <= e.status < 300:
+                return None
+            kind = _UPGRADE_REFUSED_KINDS.get(e.status, "http_error")
+            refused = APIError(kind, f"upgrade to /append-stream refused: HTTP {e.status}")
+            raise _StreamFailed(RemoteError(network.target, network.node, refused)) from None
+        except TimeoutError:
+            raise _StreamFailed(Timeout(action, network.target, self._option.hard_ttl)) from None
+        except aiohttp.ClientError as e:
+            raise _StreamFailed(network._transport_error(action, e)) from e
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        writer = asyncio.create_task(self._write(ws))
+        try:
+            await self._read(ws)
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def _write(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Send what is queued, in order; a failed write shows up as the reader's error."""
+        while True:
+            await self._more.wait()
+            self._more.clear()
+            while self._unsent:
+                await ws.send_bytes(self._unsent.popleft().body)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        network = self._network
+        while True:
+            deadline = self._pending[0].deadline if self._pending else None
+            try:
+                async with asyncio.timeout_at(deadline) as timeout:
+                    self._read_deadline = timeout
+                    msg = await ws.receive()
+            except TimeoutError:
+                raise _StreamFailed(
+                    Timeout("append_entries", network.target, self._option.hard_ttl)
+                ) from None
+            finally:
+                self._read_deadline = None
+            if msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+                if not self._pending:
+                    raise _StreamFailed(self._error("an answer to no request"))
+                self._settle(self._pending.popleft(), msg.data)
+                continue
+            if ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG and self._pending:
+                entries = len(self._pending[0].rpc.entries)
+                raise _StreamFailed(
+                    PayloadTooLarge(
+                        "append_entries", entries_hint=max(1, entries // 2), target=network.target
+                    )
+                )
+            raise _StreamFailed(
+                self._error(f"the stream closed ({msg.type.name}, code {ws.close_code})")
+            )
+
+    def _settle(self, pending: _Pending, data: bytes | str) -> None:
+        """Resolve one request from its answer message (a response or an error body)."""
+        raw = data.encode() if isinstance(data, str) else data
+        try:
+            answer = APPEND_ENTRIES_RESPONSE.decode(raw)
+        except msgspec.DecodeError:
+            pass
+        else:
+            if not pending.future.done():
+                pending.future.set_result(answer)
+            return
+        try:
+            detail = ERROR_BODY.decode(raw).error
+        except msgspec.DecodeError:
+            raise _StreamFailed(self._error(f"an undecodable answer: {_excerpt(raw)!r}")) from None
+        error: Exception
+        if detail.kind == "payload_too_large":
+            entries = len(pending.rpc.entries)
+            error = PayloadTooLarge(
+                "append_entries",
+                entries_hint=max(1, entries // 2),
+                bytes_hint=detail.limit,
+                target=self._network.target,
+            )
+        else:
+            error = RemoteError(self._network.target, self._network.node, _raft_error(detail))
+        if not pending.future.done():
+            pending.future.set_exception(error)
+
+    def _error(self, what: str) -> NetworkError:
+        target = self._network.target
+        return NetworkError(f"append stream to node {target}: {what}", target=target)
+
+
+def _chain(source: asyncio.Future[T], sink: asyncio.Future[T]) -> None:
+    """Complete ``sink`` as ``source`` completes (the caller holds ``sink``)."""
+
+    def copy(done: asyncio.Future[T]) -> None:
+        if sink.done():
+            return
+        if done.cancelled():
+            sink.cancel()
+        elif (exc := done.exception()) is not None:
+            sink.set_exception(exc)
+        else:
+            sink.set_result(done.result())
+
+    source.add_done_callback(copy)

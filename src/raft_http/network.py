@@ -8,15 +8,17 @@ network in ``raft_http.testing``: the core knows nothing else about the wire.
 from __future__ import annotations
 
 import abc
+import asyncio
 import itertools
 import math
 import random
 import warnings
+from collections import deque
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import ReplicationClosed, Unreachable
+from .errors import NetworkError, PayloadTooLarge, RemoteError, ReplicationClosed, Unreachable
 from .types import (
     AppendEntriesRequest,
     AppendEntriesResponse,
@@ -112,6 +114,108 @@ class Backoff:
         return cls(durations())
 
 
+class AppendStream(abc.ABC):
+    """An ordered channel of AppendEntries to one target, after Openraft 0.10's ``stream_append``.
+
+    ``send`` puts a request behind every request sent before it and returns a future of
+    its answer. The target receives the requests in send order (some may be lost after
+    a failure, none overtakes another), and the futures complete in send order. A
+    request may still reach the target after its future failed, as with
+    ``append_entries``.
+
+    A future fails with the errors ``append_entries`` raises. An answer of the target's
+    own (``RemoteError``, ``PayloadTooLarge``) fails that request only; any other failure
+    (``Timeout``, ``Unreachable``, ``NetworkError``) fails it, and every request still
+    pending with ``NetworkError``: the channel is reset, and the next ``send`` opens a
+    fresh one.
+
+    ``aclose()`` (or leaving ``async with``) cancels every pending future and releases
+    the channel; a ``send`` after it raises ``RuntimeError``. Cancelling one future only
+    discards its answer.
+    """
+
+    @abc.abstractmethod
+    def send(self, rpc: AppendEntriesRequest) -> asyncio.Future[AppendEntriesResponse]:
+        """Queue ``rpc`` after the requests sent before it; the future gets its answer."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Cancel what is pending and release the channel; idempotent."""
+
+    async def __aenter__(self) -> AppendStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+ANSWER_ERRORS = (RemoteError, PayloadTooLarge)
+"""Answer-level errors: they fail one request of a stream and keep the rest."""
+
+
+class SerialAppendStream(AppendStream):
+    """The default ``AppendStream``: one ``append_entries`` call at a time, in order.
+
+    Any ``RaftNetwork`` gets ordering for free this way (one request is in flight, so
+    none can overtake another); a transport with an ordered channel does better.
+    """
+
+    def __init__(self, network: RaftNetwork, option: RPCOption) -> None:
+        self._network = network
+        self._option = option
+        self._queue: deque[tuple[AppendEntriesRequest, asyncio.Future[AppendEntriesResponse]]] = (
+            deque()
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def send(self, rpc: AppendEntriesRequest) -> asyncio.Future[AppendEntriesResponse]:
+        if self._closed:
+            raise RuntimeError("send on a closed AppendStream")
+        future: asyncio.Future[AppendEntriesResponse] = asyncio.get_running_loop().create_future()
+        self._queue.append((rpc, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._pump(), name=f"append-stream-{self._network!r}")
+        return future
+
+    async def _pump(self) -> None:
+        try:
+            while self._queue:
+                rpc, future = self._queue[0]
+                try:
+                    answer = await self._network.append_entries(rpc, self._option)
+                except ANSWER_ERRORS as e:
+                    self._queue.popleft()
+                    if not future.done():
+                        future.set_exception(e)
+                except Exception as e:  # the channel failed: so does everything behind it
+                    failed = list(self._queue)
+                    self._queue.clear()
+                    for _, f in failed:
+                        if not f.done():
+                            f.set_exception(e if f is future else reset_error(e))
+                else:
+                    self._queue.popleft()
+                    if not future.done():
+                        future.set_result(answer)
+        finally:
+            self._task = None
+
+    async def aclose(self) -> None:
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        while self._queue:
+            self._queue.popleft()[1].cancel()
+
+
+def reset_error(cause: BaseException) -> NetworkError:
+    """The error of a request that was behind a failed one on an ``AppendStream``."""
+    return NetworkError(f"the stream was reset: an earlier request failed: {cause}")
+
+
 class RaftNetwork(abc.ABC):
     """The connection to one target node.
 
@@ -163,6 +267,14 @@ class RaftNetwork(abc.ABC):
         the leader's ``transfer_leader`` then fails and it keeps leading.
         """
         raise Unreachable(f"{type(self).__name__} does not implement transfer_leader")
+
+    def stream_append(self, option: RPCOption) -> AppendStream:
+        """An ordered channel for pipelined AppendEntries (Openraft 0.10's ``stream_append``).
+
+        ``option`` bounds each request. The default sends one request at a time through
+        ``append_entries``; a transport with an ordered channel overrides it.
+        """
+        return SerialAppendStream(self, option)
 
     def backoff(self) -> Backoff:
         """How long to sleep before each retry after ``Unreachable``; constant 500 ms by default."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final, NoReturn, TypeVar
 
 import msgspec
-from aiohttp import ClientPayloadError, hdrs, web
+from aiohttp import ClientPayloadError, WSCloseCode, WSMsgType, hdrs, web
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -115,6 +115,7 @@ class ServerConfig:
 
 
 RAFT_HANDLER: Final = web.AppKey("raft_handler", RaftHandler)
+_APPEND_STREAMS: Final[web.AppKey[set[web.WebSocketResponse]]] = web.AppKey("raft_append_streams")
 SNAPSHOT_SPOOL: Final = web.AppKey("raft_snapshot_spool", SnapshotSpool)
 SERVER_CONFIG: Final = web.AppKey("raft_server_config", ServerConfig)
 
@@ -196,27 +197,8 @@ async def _errors_middleware(request: web.Request, handler: _Handler) -> web.Str
         return _error_response(
             request, _Problem(exc.status, kind, exc.reason or kind, headers=headers)
         )
-    except Fatal as exc:
-        return _error_response(request, _Problem(503, "fatal", exc.reason))
-    except SnapshotMismatch as exc:
-        return _error_response(
-            request,
-            _Problem(
-                409,
-                "snapshot_mismatch",
-                str(exc),
-                expect=_segment(*exc.expect),
-                got=_segment(*exc.got),
-            ),
-        )
-    except InvalidRequest as exc:
-        return _error_response(request, _Problem(400, "bad_request", str(exc)))
-    except SnapshotRejected as exc:
-        return _error_response(request, _Problem(422, "snapshot_rejected", str(exc)))
-    except APIError as exc:
-        return _error_response(request, _Problem(503, "raft_error", f"{exc.kind}: {exc.message}"))
     except RaftError as exc:
-        return _error_response(request, _Problem(503, "raft_error", f"{type(exc).__name__}: {exc}"))
+        return _error_response(request, _raft_problem(exc))
     except (ConnectionError, ClientPayloadError) as exc:
         # The peer is gone (or garbled its body): nobody will read this answer.
         log.info("%s %s: connection lost while reading: %s", request.method, request.path, exc)
@@ -230,6 +212,27 @@ async def _errors_middleware(request: web.Request, handler: _Handler) -> web.Str
         return _error_response(
             request, _Problem(500, "internal", "internal server error (see the server log)")
         )
+
+
+def _raft_problem(exc: RaftError) -> _Problem:
+    """The answer to a Raft error a handler raised."""
+    if isinstance(exc, Fatal):
+        return _Problem(503, "fatal", exc.reason)
+    if isinstance(exc, SnapshotMismatch):
+        return _Problem(
+            409,
+            "snapshot_mismatch",
+            str(exc),
+            expect=_segment(*exc.expect),
+            got=_segment(*exc.got),
+        )
+    if isinstance(exc, InvalidRequest):
+        return _Problem(400, "bad_request", str(exc))
+    if isinstance(exc, SnapshotRejected):
+        return _Problem(422, "snapshot_rejected", str(exc))
+    if isinstance(exc, APIError):
+        return _Problem(503, "raft_error", f"{exc.kind}: {exc.message}")
+    return _Problem(503, "raft_error", f"{type(exc).__name__}: {exc}")
 
 
 def _auth_middleware(token: str | None, cluster: str | None) -> Middleware:
@@ -384,6 +387,33 @@ class _Routes:
         return _json(APPEND_ENTRIES_RESPONSE, await request.app[RAFT_HANDLER].append_entries(rpc))
 
     @staticmethod
+    async def append_stream(request: web.Request) -> web.StreamResponse:
+        """``GET /append-stream``: a WebSocket of AppendEntries, answered one by one in order.
+
+        Auth and cluster were checked at the upgrade (the middleware). A bad message gets
+        an error message and the stream goes on; a message over ``max_body_size`` ends
+        the stream (close code 1009), since it cannot be skipped without reading it.
+        """
+        config = request.app[SERVER_CONFIG]
+        ws = web.WebSocketResponse(max_msg_size=config.max_body_size, compress=False)
+        if not ws.can_prepare(request).ok:
+            _bad_request("GET /append-stream needs a WebSocket upgrade")
+        await ws.prepare(request)
+        streams = request.app[_APPEND_STREAMS]
+        streams.add(ws)
+        try:
+            handler = request.app[RAFT_HANDLER]
+            async for msg in ws:
+                if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                    data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
+                    await ws.send_bytes(await _stream_answer(handler, data))
+                elif msg.type is WSMsgType.ERROR:
+                    log.info("append stream from %s ended: %s", request.remote, ws.exception())
+        finally:
+            streams.discard(ws)
+        return ws
+
+    @staticmethod
     async def vote(request: web.Request) -> web.Response:
         rpc = await _json_body(request, VOTE_REQUEST)
         return _json(VOTE_RESPONSE, await request.app[RAFT_HANDLER].vote(rpc))
@@ -474,6 +504,24 @@ class _Routes:
             answer = await _install(request, lease, rpc.vote, rpc.meta)
             return _json(INSTALL_SNAPSHOT_RESPONSE, InstallSnapshotResponse(answer.vote))
         return _json(INSTALL_SNAPSHOT_RESPONSE, InstallSnapshotResponse(handler.current_vote()))
+
+
+async def _stream_answer(handler: RaftHandler, data: bytes) -> bytes:
+    """The answer to one message of an append stream: what ``POST /append`` would answer."""
+    try:
+        try:
+            rpc = _decode(APPEND_ENTRIES_REQUEST, data)
+            if (why := rpc.shape_error()) is not None:
+                _bad_request(why)
+            return APPEND_ENTRIES_RESPONSE.encode(await handler.append_entries(rpc))
+        except RaftError as exc:
+            raise _raft_problem(exc) from None
+    except _Problem as problem:
+        return ERROR_BODY.encode(ErrorBody(problem.detail))
+    except Exception:
+        log.exception("unexpected error handling a message of /append-stream")
+        detail = ErrorDetail(kind="internal", message="internal server error (see the server log)")
+        return ERROR_BODY.encode(ErrorBody(detail))
 
 
 def _size_mismatch(sid: str, size: int, offset: int, what: str) -> _Problem:
@@ -639,8 +687,18 @@ def raft_app(
                 await reaper
             await spool.close()
 
+    app[_APPEND_STREAMS] = set()
+
+    async def close_append_streams(app: web.Application) -> None:
+        # Open streams would hold the server's shutdown until its timeout.
+        open_streams: set[web.WebSocketResponse] = app[_APPEND_STREAMS]
+        for ws in list(open_streams):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+    app.on_shutdown.append(close_append_streams)
     app.cleanup_ctx.append(spool_lifetime)
     app.router.add_post("/append", _Routes.append)
+    app.router.add_get("/append-stream", _Routes.append_stream)
     app.router.add_post("/vote", _Routes.vote)
     app.router.add_post("/transfer-leader", _Routes.transfer_leader)
     app.router.add_post("/snapshot", _Routes.snapshot)
