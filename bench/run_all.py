@@ -63,7 +63,7 @@ def run_one(script: Path, size: str, out: Path) -> tuple[str, float, bool]:
         tail = "\n".join(stderr.strip().splitlines()[-15:])
         return f"## {name}\n\nFAILED (`{' '.join(argv)}`):\n\n```\n{tail}\n```\n", wall, False
     if own:
-        return (out / f"{name}.md").read_text(), wall, True
+        return _relative((out / f"{name}.md").read_text()), wall, True
     # A one-process script: its printed tables, with the command and its own machine line.
     text = stdout.replace("\n# ", "\n### ")
     if text.startswith("# "):
@@ -73,6 +73,11 @@ def run_one(script: Path, size: str, out: Path) -> tuple[str, float, bool]:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(section)
     return section, wall, True
+
+
+def _relative(text: str) -> str:
+    """Commands as a reader would type them: paths inside the repository made relative."""
+    return text.replace(str(BENCH.parent) + "/", "")
 
 
 def load(out: Path, name: str) -> dict[str, Any] | None:
@@ -202,7 +207,7 @@ def main() -> None:
             # Not re-run: keep the section of an earlier run, if there is one.
             earlier = args.out / f"{script.stem}.md"
             if earlier.exists():
-                sections.append(earlier.read_text())
+                sections.append(_relative(earlier.read_text()))
             continue
         print(f"== {name} ({size})", flush=True)
         text, wall, ok = run_one(script, size, args.out)
