@@ -91,12 +91,13 @@ async def test_what_was_not_done_is_retried_until_it_succeeds(scripted: Any) -> 
         (503, _err("no_leader")),
         (503, _err("write_aborted")),
         (503, _err("quorum_not_enough")),
+        (503, _err("overloaded")),
         OK_WRITE,
     )
     async with KVClient(await scripted(script), deadline=10) as client:
         result = await client.put("k", "v")
     assert result.data == {"value": "v"}
-    assert len(script.seen) == 4
+    assert len(script.seen) == 5
     assert all(body == b'{"Set":{"key":"k","value":"v"}}' for *_, body in script.seen)
 
 

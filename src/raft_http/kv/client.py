@@ -4,8 +4,8 @@ It follows the leader: a ``307`` (or an error naming ``leader_addr``) moves it t
 which it remembers for the next call. It retries only what is safe to retry:
 
 - anything refused before it was sent (connection refused, DNS), on the next known address;
-- ``503 no_leader`` / ``not_initialized`` / ``quorum_not_enough`` / ``write_aborted`` (the
-  write was NOT applied) after ``Retry-After``;
+- ``503 no_leader`` / ``not_initialized`` / ``quorum_not_enough`` / ``write_aborted`` /
+  ``overloaded`` / ``transfer_failed`` (the write was NOT applied) after ``Retry-After``;
 - reads and the idempotent membership calls, also after a timeout or a dropped answer.
 
 A write whose outcome is unknown (``timeout``, ``write_outcome_unknown``, a connection lost
@@ -38,7 +38,14 @@ RAFT_TOKEN_ENV: Final = "RAFT_HTTP_TOKEN"
 """Read when ``TOKEN_ENV`` is unset: a node's API token defaults to its Raft token."""
 
 _RETRY_LATER: Final = frozenset(
-    {"no_leader", "not_initialized", "quorum_not_enough", "write_aborted"}
+    {
+        "no_leader",
+        "not_initialized",
+        "quorum_not_enough",
+        "write_aborted",
+        "overloaded",
+        "transfer_failed",
+    }
 )
 """503 kinds after which nothing was done: any request may be sent again."""
 
