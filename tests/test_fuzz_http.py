@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import json
 import re
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -709,4 +711,63 @@ async def test_kv_api_answers_bad_input_with_json_4xx_and_loses_nothing(
     if route != "/write" or resp.status != 200:
         assert model == before
     # Nothing stored is lost: the state is exactly what the accepted writes made it.
+    assert node.state_machine._data == model
+
+
+# --- kv_api: compressed bodies and ids the store cannot hold (issue #7) ---------------------
+
+content_encodings = st.one_of(
+    st.sampled_from(["gzip", "deflate", "br", "zstd", "compress", "x-gzip", "GZIP", "gzip, br"]),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz-, ", min_size=1, max_size=12).filter(
+        lambda e: e.strip().lower() not in ("", "identity")
+    ),
+)
+
+
+@settings(FUZZ, max_examples=200)
+@given(
+    route=st.sampled_from(KV_ROUTES),
+    encoding=content_encodings,
+    body=kv_bodies,
+    compress=st.booleans(),
+)
+async def test_kv_api_refuses_every_compressed_body_with_415(
+    kv: KV, route: str, encoding: str, body: bytes, compress: bool
+) -> None:
+    node, session, model = kv
+    before = dict(model)
+    if compress:
+        body = zlib.compress(body) if encoding == "deflate" else gzip.compress(body)
+    resp = await session.post(
+        f"{node.url}{route}",
+        data=body,
+        headers={"Content-Encoding": encoding},
+        allow_redirects=False,
+    )
+    error = await assert_json_error(resp, 415)
+    assert "Content-Encoding" in error["message"]
+    assert model == before
+    assert node.state_machine._data == model
+
+
+out_of_range_ids = st.one_of(
+    st.integers(max_value=-1), st.integers(min_value=2**63, max_value=2**80)
+)
+
+
+@settings(FUZZ, max_examples=200)
+@given(bad=out_of_range_ids, route=st.sampled_from(["/init", "/add-learner", "/change-membership"]))
+async def test_kv_api_refuses_node_ids_the_store_cannot_hold(kv: KV, bad: int, route: str) -> None:
+    node, session, model = kv
+    membership = node.raft.metrics().membership_config
+    body, path = {
+        "/init": ([[bad, node.addr]], "$[0][0]"),
+        "/add-learner": ([bad, "127.0.0.1:1"], "$[0]"),
+        "/change-membership": ([1, bad], "$[1]"),
+    }[route]
+    resp = await session.post(f"{node.url}{route}", data=json.dumps(body).encode())
+    error = await assert_json_error(resp, 400)
+    assert path in error["message"], error
+    assert node.raft.metrics().running
+    assert node.raft.metrics().membership_config == membership
     assert node.state_machine._data == model

@@ -124,6 +124,22 @@ def base_url(addr: str, scheme: str = "http") -> str:
     return f"{scheme}://{addr}"
 
 
+def _same_address(a: str, b: str, scheme: str) -> bool:
+    """Whether two node addresses name the same base URL (``host:port`` means ``scheme``)."""
+    try:
+        return parse_node_address(base_url(a, scheme)) == parse_node_address(base_url(b, scheme))
+    except ValueError:
+        return False
+
+
+def _uninitialized(metrics: Any) -> bool:
+    """Whether the core's metrics say this node belongs to no cluster yet (and no leader
+    is bringing it one: a learner being added hears its leader before any membership)."""
+    stored = getattr(metrics, "membership_config", None)
+    leader = getattr(metrics, "current_leader", None)
+    return stored is not None and not stored.membership.nodes and leader is None
+
+
 def _json(value: Any) -> web.Response:
     return web.Response(body=encode_json(value), content_type="application/json")
 
@@ -180,13 +196,18 @@ class KVApi:
         addr: str,
         scheme: str = "http",
         write_timeout: float = 10.0,
+        leader_timeout: float | None = None,
     ) -> None:
         self.raft = raft
         self.state_machine = state_machine
         self.node_id = node_id
         self.addr = addr
+        self.listen_addr: str | None = None
+        """Where the node listens, when it differs from ``addr`` (``--advertise``)."""
         self.scheme = scheme
         self.write_timeout = write_timeout
+        self.leader_timeout = leader_timeout
+        """A follower that has not heard from its leader this long answers 503 no_leader."""
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -238,12 +259,31 @@ class KVApi:
     def _forward(self, request: web.Request, e: APIError) -> web.Response:
         leader_id: int | None = getattr(e, "leader_id", None)
         leader_node: Node | None = getattr(e, "leader_node", None)
+        metrics = self.raft.metrics()
         if leader_id is None or leader_node is None or leader_id == self.node_id:
+            if _uninitialized(metrics):
+                return error_response(
+                    503,
+                    "not_initialized",
+                    f"node {self.node_id} is in no cluster yet: POST /init to it (`[]` for a "
+                    'cluster of this node alone, or `[[id, "host:port"], ...]` naming it), or '
+                    "add it from the leader with POST /add-learner "
+                    f'[{self.node_id}, "{self.addr}"]',
+                )
             return error_response(
                 503,
                 "no_leader",
-                "no leader is known yet (election in progress, or the cluster is not "
-                "initialized); retry shortly",
+                "no leader is known yet (election in progress); retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        silent = getattr(metrics, "since_leader_heard", None)
+        if self.leader_timeout is not None and silent is not None and silent > self.leader_timeout:
+            # Its leader may be dead: a redirect there would only fail (or hang) again.
+            return error_response(
+                503,
+                "no_leader",
+                f"node {self.node_id} has not heard from its leader (node {leader_id}) for "
+                f"{silent:.2f}s; an election is likely under way; retry shortly",
                 headers={"Retry-After": "1"},
             )
         location = base_url(leader_node.addr, self.scheme) + request.rel_url.path
@@ -265,6 +305,7 @@ class KVApi:
                 nodes = {node_id: Node(addr) for node_id, addr in members}
                 if len(nodes) != len(members):
                     raise _BadRequest("a node id appears twice - at `$`")
+                self._check_own_entry(members)
             else:
                 nodes = {self.node_id: Node(self.addr)}
             await self.raft.initialize(nodes)
@@ -272,6 +313,25 @@ class KVApi:
             return _json({"initialized": nodes})
 
         return await self._call(request, action)
+
+    def _check_own_entry(self, members: list[tuple[int, str]]) -> None:
+        """This node must be a member, at an address that reaches it (``addr`` or where it
+        listens): a cluster whose membership names it elsewhere can never hear from it."""
+        own = [i for i, (node_id, _) in enumerate(members) if node_id == self.node_id]
+        if not own:
+            raise _BadRequest(
+                f"this node (id {self.node_id}) is not among the members: send /init to a "
+                "node of the new cluster - at `$`"
+            )
+        (i,) = own
+        given = members[i][1]
+        known = [a for a in (self.addr, self.listen_addr) if a is not None]
+        if not any(_same_address(given, a, self.scheme) for a in known):
+            raise _BadRequest(
+                f"the entry for this node (id {self.node_id}) says {given!r}, but it is at "
+                f"{self.addr!r}: fix the entry, or start the node with --advertise {given} "
+                f"- at `$[{i}][1]`"
+            )
 
     async def add_learner(self, request: web.Request) -> web.Response:
         async def action() -> web.Response:
@@ -369,6 +429,7 @@ def kv_api(
     admin_max_body_size: int = ADMIN_MAX_BODY_SIZE,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     instruments: NodeInstruments | None = None,
+    leader_timeout: float | None = None,
 ) -> web.Application:
     """The KV API as an aiohttp app; ``KVNode`` mounts the Raft routes under it at ``/raft``.
 
@@ -378,7 +439,8 @@ def kv_api(
     ``client_max_size`` bounds a body (``admin_max_body_size`` on ``/init`` and the
     membership routes); ``body_timeout`` is how long a body may take to arrive.
     ``instruments``: where the node counts its traffic (``/metrics``); shared with its
-    network and log store by ``KVNode``.
+    network and log store by ``KVNode``. ``leader_timeout``: a follower that has not
+    heard from its leader this long answers 503 ``no_leader`` instead of redirecting there.
     """
     if min(client_max_size, admin_max_body_size) <= 0 or not body_timeout > 0:
         raise ValueError("body limits and body_timeout must be > 0")
@@ -390,6 +452,7 @@ def kv_api(
         addr=addr,
         scheme=scheme,
         write_timeout=write_timeout,
+        leader_timeout=leader_timeout,
     )
     app = web.Application(
         middlewares=[

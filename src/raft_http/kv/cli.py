@@ -30,6 +30,7 @@ from ..raft import Config
 from ..types import NodeId
 from .admin import add_admin_commands, run_admin
 from .datadir import DataDirError
+from .events import JsonFormatter, RaftContext
 from .node import KVNode
 
 logger = logging.getLogger("raft_http.kv.cli")
@@ -198,7 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="default: %(default)s",
+        help="default: %(default)s; info shows each change of leader, term, role and "
+        "membership, snapshots and peers lost or back; debug adds per-RPC detail",
+    )
+    node.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line for log shippers (default: %(default)s)",
     )
     add_admin_commands(commands)
     return parser
@@ -286,6 +294,7 @@ async def run_node(args: argparse.Namespace) -> int:
         client_ssl=client_ssl,
         write_timeout=args.write_timeout,
     )
+    _RAFT_CONTEXT.metrics = lambda: node.raft.metrics()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -341,11 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "node":
         return run_admin(args)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s [node " + str(args.id) + "] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _setup_logging(args)
     try:
         return asyncio.run(run_node(args))
     except DataDirError as e:
@@ -354,6 +359,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         logger.error("cannot run node %d: %s", args.id, _os_error(e, args))
         return 1
+
+
+_RAFT_CONTEXT = RaftContext(lambda: None)
+"""Puts the running node's term and role on every log line (``run_node`` points it there)."""
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RAFT_CONTEXT)
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter(args.id))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s %(levelname)s [node {args.id} term %(raft_term)s %(raft_role)s] "
+                "%(name)s: %(message)s"
+            )
+        )
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
 
 
 def _os_error(e: OSError, args: argparse.Namespace) -> str:

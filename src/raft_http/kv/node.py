@@ -28,6 +28,7 @@ from ..serving import runner_options
 from ..types import Node
 from .api import KV_API, base_url, kv_api
 from .datadir import DataDir
+from .events import RaftEventLog
 from .instruments import InstrumentedLogStore, NodeInstruments
 from .state_machine import KVStateMachine
 
@@ -106,6 +107,8 @@ class KVNode:
         self._network: RaftNetworkFactory | None = None
         self._runner: web.AppRunner | None = None
         self._data_dir: DataDir | None = None
+        self.events = RaftEventLog(node_id)
+        """Logs the node's leader, term, role and membership changes and its peers' reachability."""
 
     @property
     def raft(self) -> Raft:
@@ -143,7 +146,7 @@ class KVNode:
             token=self.token,
             cluster=self.cluster,
             ssl=self.client_ssl,
-            trace_configs=[self.instruments.trace_config()],
+            trace_configs=[self.instruments.trace_config(), self.events.trace_config()],
         )
         self._network = RaftPathNetworkFactory(inner, self.scheme)
         self._raft = await Raft.create(
@@ -154,6 +157,7 @@ class KVNode:
             self.state_machine,
             snapshot_store,
         )
+        self.events.watch(self._raft)
         app = kv_api(
             self._raft,
             self.state_machine,
@@ -163,6 +167,7 @@ class KVNode:
             write_timeout=self.write_timeout,
             api_token=self.api_token,
             instruments=self.instruments,
+            leader_timeout=self.config.election_timeout_min,
         )
         app.add_subapp(
             RAFT_PREFIX,
@@ -180,6 +185,7 @@ class KVNode:
         if self.port == 0:
             self.port = _bound_port(self._runner)
             app[KV_API].addr = self.addr
+        app[KV_API].listen_addr = f"{self.host}:{self.port}"
         logger.info(
             "node %d serving the KV API at %s and Raft at %s%s",
             self.node_id,
@@ -231,6 +237,7 @@ class KVNode:
         log_store, self._log_store = self._log_store, None
         if raft is not None:
             await raft.shutdown()
+        await self.events.close()
         if network is not None:
             await network.close()
         if runner is not None:

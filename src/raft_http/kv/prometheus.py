@@ -18,10 +18,11 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from yarl import URL
 
+from ..raft import ServerState
 from .api import base_url
 from .instruments import NodeInstruments
 
-ROLES = ("Follower", "Candidate", "Leader", "Learner", "Shutdown")
+ROLES = tuple(state.value for state in ServerState)
 
 
 def render(metrics: Any, instruments: NodeInstruments, accept: str) -> tuple[bytes, str]:

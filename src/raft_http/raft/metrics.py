@@ -17,6 +17,8 @@ class ServerState(StrEnum):
     REMOVED = "Removed"
     """Removed from the membership: serves nothing, does not campaign, still takes the log."""
     SHUTDOWN = "Shutdown"
+    UNINITIALIZED = "Uninitialized"
+    """In no membership and hearing no leader: waiting for ``initialize`` or ``add_learner``."""
 
 
 class RaftMetrics(Struct, frozen=True):
@@ -42,3 +44,5 @@ class RaftMetrics(Struct, frozen=True):
     since_quorum_ack: float | None
     running: bool
     fatal: str | None = None
+    since_leader_heard: float | None = None
+    """Seconds since this follower last heard from ``current_leader`` (None on the leader)."""

@@ -156,6 +156,7 @@ class Raft:
         self._leader_id: int | None = None
         self._leader: _LeaderState | None = None
         self._lease_until = 0.0
+        self._leader_heard_at: float | None = None
         self._election_deadline = 0.0
         self._term_hint = 0
         self._fatal: str | None = None
@@ -349,9 +350,25 @@ class Raft:
             replication = {t: r.matching for t, r in self._leader.replicators.items()}
             acked = max(self._quorum_acked_at(self._leader), self._leader.since)
             since_quorum_ack = round(max(0.0, self._loop.time() - acked), 3)
+        state = self._state
+        if (
+            state in (ServerState.FOLLOWER, ServerState.LEARNER)
+            and not self.membership.membership.nodes
+            and self._leader_id is None
+        ):
+            state = ServerState.UNINITIALIZED  # no cluster, and no leader bringing one
+        since_leader_heard = None
+        if (
+            self._leader is None
+            and self._leader_id is not None
+            and self._leader_heard_at is not None
+            and self._state is not ServerState.REMOVED
+        ):
+            heard_at = self._loop.time() if self._leader_rpcs else self._leader_heard_at
+            since_leader_heard = round(max(0.0, self._loop.time() - heard_at), 3)
         return RaftMetrics(
             id=self.id,
-            state=self._state,
+            state=state,
             current_term=self._vote.term,
             vote=self._vote,
             last_log_index=self.log.last_index,
@@ -365,6 +382,7 @@ class Raft:
             since_quorum_ack=since_quorum_ack,
             running=self._running,
             fatal=self._fatal,
+            since_leader_heard=since_leader_heard,
         )
 
     async def wait_for(
@@ -619,7 +637,8 @@ class Raft:
         finally:
             self._leader_rpcs -= 1
             if self._vote == vote and self._leader is None:
-                self._lease_until = self._loop.time() + self.config.election_timeout_min
+                self._leader_heard_at = self._loop.time()
+                self._lease_until = self._leader_heard_at + self.config.election_timeout_min
                 self._reset_election_deadline()
 
     async def handle_transfer_leader(self, rpc: TransferLeaderRequest) -> None:
@@ -717,7 +736,8 @@ class Raft:
         if self._state is ServerState.CANDIDATE:
             self._state = ServerState.FOLLOWER
         self._leader_id = vote.leader_id.node_id
-        self._lease_until = self._loop.time() + self.config.election_timeout_min
+        self._leader_heard_at = self._loop.time()
+        self._lease_until = self._leader_heard_at + self.config.election_timeout_min
         self._reset_election_deadline()
         self._update_role()
         return True
