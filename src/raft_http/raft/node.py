@@ -432,8 +432,20 @@ class Raft:
             self._reset_election_deadline()
             if self._leader_rpcs:
                 continue  # the leader's request is being handled (a slow fsync): it is alive
-            if self.membership.membership.is_voter(self.id):
+            if self._may_campaign():
                 await self._elect()
+
+    def _may_campaign(self) -> bool:
+        """A voter of the latest membership, or of the committed one while a change is pending.
+
+        A voter that an uncommitted change removes may still be needed to elect a leader
+        until that change commits (Raft thesis, 4.2.2): in a joint config its old half may
+        have no quorum without it.
+        """
+        if self.membership.membership.is_voter(self.id):
+            return True
+        committed = self._memberships.at(log_index(self.committed)).membership
+        return committed.is_voter(self.id)
 
     def _quorum_acked_at(self, leader: _LeaderState) -> float:
         """The loop time up to which a quorum of every config has acknowledged this leader."""
