@@ -861,14 +861,15 @@ class Raft:
             return
         nodes = self.membership.membership.nodes
         # A node the effective membership removes keeps its stream until that membership
-        # is committed and the node holds it (or cannot be reached): it then knows it was
-        # removed (Openraft does the same), and the leader does not retry it forever.
+        # is committed and the node was told so (or cannot be reached): it then knows it
+        # was removed and stops campaigning (it campaigns while its removal may still be
+        # uncommitted, see _may_campaign), and the leader does not retry it forever.
         removal = log_index(self.membership.log_id)
         removal_committed = removal <= log_index(self.committed)
         for target, replicator in list(leader.replicators.items()):
             if target in nodes or not removal_committed:
                 continue
-            if log_index(replicator.matching) >= removal or replicator.failing:
+            if replicator.told_committed >= removal or replicator.failing:
                 leader.replicators.pop(target).stop("removed from membership")
         for target, node in nodes.items():
             if target != self.id and target not in leader.replicators:

@@ -33,6 +33,7 @@ from ..types import (
     PartialSuccess,
     Success,
     Vote,
+    log_index,
 )
 from .engine.progress import Progress
 
@@ -56,6 +57,8 @@ class Replicator:
         self._problem: str | None = None
         self.problem: str | None = None
         """The error of the last attempt when it failed to reach the target, else None."""
+        self.told_committed = -1
+        """The greatest index the target acknowledged learning is committed (-1: none)."""
         self.closed: asyncio.Future[ReplicationClosed] = asyncio.get_running_loop().create_future()
         self.task = asyncio.create_task(self._run(), name=f"raft-{raft.id}-replicate-{target}")
 
@@ -143,8 +146,11 @@ class Replicator:
             return
         match response:
             case Success():
-                self._matched(entries[-1].log_id if entries else prev_log_id, sent_at)
+                matched = entries[-1].log_id if entries else prev_log_id
+                self._told(rpc.leader_commit, matched)
+                self._matched(matched, sent_at)
             case PartialSuccess(matching=matching):
+                self._told(rpc.leader_commit, matching)
                 self._matched(matching, sent_at)
             case Conflict() if prev_log_id is None:
                 # Every log holds the empty prefix: a peer saying otherwise is broken. Do
@@ -155,6 +161,11 @@ class Replicator:
                 progress.conflict(prev_index)
             case HigherVote(vote=vote):
                 await raft.on_higher_vote(vote, f"append_entries to node {self.target}")
+
+    def _told(self, leader_commit: LogId | None, matching: LogId | None) -> None:
+        """A follower commits ``min(leader_commit, what it matched)`` of each request."""
+        told = min(log_index(leader_commit), log_index(matching))
+        self.told_committed = max(self.told_committed, told)
 
     def _matched(self, matching: LogId | None, sent_at: float) -> None:
         self.progress.matched(matching, sent_at)
