@@ -164,29 +164,53 @@ def codec_costs(report: Report, size: Size) -> None:
 
 
 def main() -> None:
-    args, size = parse_args(__doc__)
+    args, size = parse_args(
+        __doc__,
+        extra=lambda p: p.add_argument(
+            "--uvloop",
+            action="store_true",
+            help="also run every cell with uvloop in servers and load generators (interleaved)",
+        ),
+    )
     report = Report("bench_append", size, "AppendEntries: HttpNetwork + raft_app vs bare aiohttp")
-    raft_port, bare_port = free_ports(2)
+    loops = ["asyncio", "uvloop"] if args.uvloop else ["asyncio"]
     with Children(args.out / "logs") as kids:
-        raft = kids.spawn(
-            "raft-null", [PY, str(BENCH / "_servers.py"), "raft-null", "--port", str(raft_port)]
-        )
-        bare = kids.spawn(
-            "bare", [PY, str(BENCH / "_servers.py"), "bare", "--port", str(bare_port)]
-        )
-        wait_port(raft_port, raft)
-        wait_port(bare_port, bare)
-        targets = {
-            "raft-http": ("append-http", f"http://127.0.0.1:{raft_port}", raft.pid),
-            "bare": ("append-bare", f"http://127.0.0.1:{bare_port}/append", bare.pid),
-        }
-        gens = {path: LoadGen(kids, f"loadgen-{path}") for path in targets}
+        targets: dict[str, tuple[str, str, int]] = {}
+        gens: dict[str, LoadGen] = {}
+        for loop in loops:
+            flag = ["--uvloop"] if loop == "uvloop" else []
+            suffix = "" if loop == "asyncio" else f" {loop}"
+            raft_port, bare_port = free_ports(2)
+            raft = kids.spawn(
+                f"raft-null{suffix}",
+                [PY, str(BENCH / "_servers.py"), "raft-null", "--port", str(raft_port), *flag],
+            )
+            bare = kids.spawn(
+                f"bare{suffix}",
+                [PY, str(BENCH / "_servers.py"), "bare", "--port", str(bare_port), *flag],
+            )
+            wait_port(raft_port, raft)
+            wait_port(bare_port, bare)
+            targets[f"raft-http{suffix}"] = (
+                "append-http",
+                f"http://127.0.0.1:{raft_port}",
+                raft.pid,
+            )
+            targets[f"bare{suffix}"] = (
+                "append-bare",
+                f"http://127.0.0.1:{bare_port}/append",
+                bare.pid,
+            )
+        for path in targets:
+            gens[path] = LoadGen(kids, f"loadgen-{path.replace(' ', '-')}", "uvloop" in path)
         cells: list[dict[str, Any]] = []
         for payload in PAYLOADS:
             for conc in CONCURRENCY:
-                runs: dict[str, list[dict[str, Any]]] = {"raft-http": [], "bare": []}
+                runs: dict[str, list[dict[str, Any]]] = {path: [] for path in targets}
                 for r in range(size.runs):
-                    order = ["bare", "raft-http"] if r % 2 else ["raft-http", "bare"]
+                    order = list(targets)
+                    if r % 2:
+                        order.reverse()
                     for path in order:
                         mode, url, pid = targets[path]
                         cpu0 = cpu_seconds(pid)
@@ -252,6 +276,39 @@ def main() -> None:
         f"Median (min-max) of {size.runs} interleaved runs of {size.seconds:g} s each; "
         "CPU is the share of one core each process used during the run.",
     )
+    if args.uvloop:
+        uv_rows = []
+        for cell in cells:
+            runs = cell["runs"]
+
+            def x(a: str, b: str, runs: dict[str, list[dict[str, Any]]] = runs) -> str:
+                pairs = zip(runs[a], runs[b], strict=True)
+                return fmt_spread([p["rate"] / q["rate"] for p, q in pairs])
+
+            uv_rows.append(
+                [
+                    cell["payload"],
+                    cell["concurrency"],
+                    fmt_spread([r["rate"] for r in runs["raft-http uvloop"]]),
+                    x("raft-http uvloop", "raft-http"),
+                    fmt_spread([r["rate"] for r in runs["bare uvloop"]]),
+                    x("bare uvloop", "bare"),
+                    x("raft-http uvloop", "bare uvloop"),
+                ]
+            )
+        report.table(
+            "The same cells with uvloop (servers and load generators), interleaved with asyncio",
+            [
+                "payload",
+                "in flight",
+                "raft-http uvloop calls/s",
+                "x raft-http asyncio",
+                "bare uvloop calls/s",
+                "x bare asyncio",
+                "raft-http uvloop x bare uvloop",
+            ],
+            uv_rows,
+        )
     codec_costs(report, size)
     report.save(args.out)
 

@@ -34,8 +34,8 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta, Struct
 
-from ..client import parse_node_address
 from ..errors import APIError, Fatal, RaftError
+from ..protocol import JSON, parse_node_address
 from ..raft.errors import LearnerNotCaughtUp, NodeRemoved
 from ..raft.metrics import ServerState
 from ..types import LogId, Node, NodeId, encode_json
@@ -141,7 +141,7 @@ def _uninitialized(metrics: Any) -> bool:
 
 
 def _json(value: Any) -> web.Response:
-    return web.Response(body=encode_json(value), content_type="application/json")
+    return web.Response(body=encode_json(value), content_type=JSON)
 
 
 class _BadRequest(Exception):
@@ -349,9 +349,7 @@ class KVApi:
                     "unreachable": e.unreachable,
                     "error": {"kind": e.kind, "message": e.message},
                 }
-                return web.Response(
-                    status=202, body=encode_json(body), content_type="application/json"
-                )
+                return web.Response(status=202, body=encode_json(body), content_type=JSON)
             return _json({"log_id": resp.log_id, "data": resp.data})
 
         return await self._call(request, action)

@@ -20,6 +20,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 from msgspec import Struct
 
+from ..protocol import JSON
 from ..types import encode_json
 
 Handler: TypeAlias = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -35,7 +36,6 @@ ADMIN_PATHS: Final = frozenset(
 ADMIN_MAX_BODY_SIZE: Final = 64 * 1024
 DEFAULT_BODY_TIMEOUT: Final = 10.0
 
-JSON: Final = "application/json"
 _IDENTITY: Final = frozenset({"", "identity"})
 
 
