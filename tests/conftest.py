@@ -1,13 +1,16 @@
-"""Fixtures shared by the Raft core's test modules."""
+"""Fixtures shared by the test modules: the core's in-process cluster, and KV nodes with a
+JSON client session."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from raft_cluster import Cluster
+from raft_http.kv.node import KVNode
 
 
 @pytest.fixture
@@ -18,3 +21,21 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session that sends JSON (the KV API refuses other content types)."""
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=15), headers={"Content-Type": "application/json"}
+    ) as s:
+        yield s
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[list[KVNode]]:
+    """``KVNode``s a test appends once started; each is stopped afterwards."""
+    started: list[KVNode] = []
+    yield started
+    for node in started:
+        await node.stop()

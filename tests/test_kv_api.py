@@ -7,7 +7,7 @@ the second runs real ``KVNode``s over HTTP on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,22 +335,6 @@ async def test_unexpected_error_is_a_json_500_without_traceback(
 
 
 # --- real nodes over HTTP on 127.0.0.1 ---------------------------------------------------
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=15), headers={"Content-Type": "application/json"}
-    ) as s:
-        yield s
-
-
-@pytest.fixture
-async def nodes() -> AsyncIterator[list[KVNode]]:
-    started: list[KVNode] = []
-    yield started
-    for node in started:
-        await node.stop()
 
 
 async def _wait(predicate: Any, what: str, timeout: float = 10.0) -> None:

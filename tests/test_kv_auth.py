@@ -167,22 +167,6 @@ async def attacker() -> AsyncIterator[tuple[Attacker, str]]:
         await server.close()
 
 
-@pytest.fixture
-async def nodes() -> AsyncIterator[list[KVNode]]:
-    started: list[KVNode] = []
-    yield started
-    for node in started:
-        await node.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=15), headers={"Content-Type": "application/json"}
-    ) as s:
-        yield s
-
-
 async def _node(nodes: list[KVNode], tmp_path: Path, **options: Any) -> KVNode:
     node = KVNode(1, tmp_path / "1", port=0, cluster=CLUSTER, write_timeout=2.0, **options)
     nodes.append(node)

@@ -11,7 +11,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,20 +28,6 @@ from test_kv_api import ScriptedRaft, _NotLeader
 
 JSON = {"Content-Type": "application/json"}
 WRITE = b'{"Set":{"key":"k","value":"v"}}'
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15), headers=JSON) as s:
-        yield s
-
-
-@pytest.fixture
-async def nodes() -> AsyncIterator[list[KVNode]]:
-    started: list[KVNode] = []
-    yield started
-    for node in started:
-        await node.stop()
 
 
 async def _started(nodes: list[KVNode], node: KVNode) -> KVNode:

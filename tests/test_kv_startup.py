@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,7 @@ from cluster_helpers import HOST, free_ports, http, wait_for
 from raft_http.kv.cli import serve
 from raft_http.kv.datadir import IDENTITY_FILE, DataDirError
 from raft_http.kv.node import KVNode
-
-
-def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "raft_http.kv.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+from test_cluster_processes import _cli
 
 
 def _node_argv(node_id: int, port: int, data_dir: Path, *extra: str) -> list[str]:
@@ -45,14 +35,6 @@ def _node_argv(node_id: int, port: int, data_dir: Path, *extra: str) -> list[str
         str(data_dir),
         *extra,
     ]
-
-
-@pytest.fixture
-async def nodes() -> AsyncIterator[list[KVNode]]:
-    started: list[KVNode] = []
-    yield started
-    for node in started:
-        await node.stop()
 
 
 # --- the data directory ---------------------------------------------------------------------
