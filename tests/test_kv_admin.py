@@ -283,6 +283,13 @@ async def test_cli_subcommands_and_exit_codes(nodes: list[KVNode], tmp_path: Pat
         4: True,
     }
     assert (await cli("change-membership", *a, "1", "2", "3"))[0] == EXIT_OK
+    code, out, err = await cli("remove-learner", *a, "4")
+    assert (code, out.split(" (")[0]) == (EXIT_OK, "removed learner(s) 4"), err
+    code, out, _ = await cli("status", *a, "--json")
+    assert [m["id"] for m in json.loads(out)["members"]] == [1, 2, 3]
+    code, _, err = await cli("remove-learner", *a, "2")
+    assert code == EXIT_REFUSED, "a voter is not removed as a learner"
+    assert err.startswith("raft-http remove-learner: ")
 
     # Usage errors are 2, a dead address is 3 with one line, a stopped member shows as such.
     assert (await cli("put", *a, "only-a-key"))[0] == EXIT_USAGE
@@ -306,5 +313,6 @@ async def test_version_and_help() -> None:
     code, out, _ = await cli("--version")
     assert (code, out.split()[0]) == (0, "raft-http")
     code, out, _ = await cli("--help")
-    for command in ("status", "init", "add-learner", "change-membership", "put", "get", "delete"):
+    commands = ("status", "init", "add-learner", "remove-learner", "change-membership", "put")
+    for command in (*commands, "get", "delete"):
         assert command in out

@@ -80,8 +80,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``status``, ``init``, ``add-learner``, ``change-membership``, ``put``,
-    ``get`` and ``delete`` on the ``raft-http`` parser."""
+    """Register ``status``, ``init``, ``add-learner``, ``remove-learner``,
+    ``change-membership``, ``put``, ``get`` and ``delete`` on the ``raft-http`` parser."""
 
     def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
         parser = commands.add_parser(name, help=help, description=help + ".")
@@ -101,6 +101,8 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     learner = command("add-learner", _add_learner, "add a node as a learner; waits until caught up")
     learner.add_argument("id", type=_node_id)
     learner.add_argument("node_addr", metavar="HOST:PORT")
+    remove = command("remove-learner", _remove_learner, "remove learners (not voters)")
+    remove.add_argument("ids", nargs="+", type=_node_id, metavar="ID")
     change = command("change-membership", _change_membership, "set the voters")
     change.add_argument("voters", nargs="+", type=_node_id, metavar="ID")
     put = command("put", _put, "set a key")
@@ -140,6 +142,15 @@ async def _add_learner(client: KVClient, args: argparse.Namespace) -> Any:
     if args.json:
         return result
     print(f"learner {args.id} added at {_log_index(result.log_id)}")
+    return None
+
+
+async def _remove_learner(client: KVClient, args: argparse.Namespace) -> Any:
+    result = await client.remove_learner(*args.ids)
+    if args.json:
+        return result
+    ids = " ".join(str(i) for i in sorted(set(args.ids)))
+    print(f"removed learner(s) {ids} (at {_log_index(result.log_id)})")
     return None
 
 

@@ -321,6 +321,12 @@ class KVClient:
         payload = await self.call("POST", "/add-learner", [node_id, addr], idempotent=True)
         return msgspec.convert(payload, WriteResult)
 
+    async def remove_learner(self, *node_ids: int) -> WriteResult:
+        """Remove learners (a voter must first leave the voters by ``change_membership``)."""
+        body = sorted(set(node_ids))
+        payload = await self.call("POST", "/remove-learner", body, idempotent=True)
+        return msgspec.convert(payload, WriteResult)
+
     async def change_membership(self, voters: Sequence[int]) -> WriteResult:
         payload = await self.call(
             "POST", "/change-membership", sorted(set(voters)), idempotent=True
@@ -368,7 +374,7 @@ class KVClient:
         leader = max(leaders, key=lambda m: int(m["current_term"]), default=None)
         members = []
         for node_id, m in sorted(seen.items()):
-            addr = nodes.get(str(node_id), {}).get("addr", "?")
+            addr = nodes.get(str(node_id), {}).get("addr") or "(not a member)"
             if isinstance(m, str):
                 members.append(MemberStatus(node_id, addr, node_id in voters, False, error=m))
                 continue
