@@ -25,8 +25,9 @@ from ..types import encode_json
 
 Handler: TypeAlias = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-OPEN_PATHS: Final = frozenset({"/health", "/ready"})
-"""Routes that answer without the API token: probes, which must reveal only up or down."""
+OPEN_PATHS: Final = frozenset({"/health", "/ready", "/"})
+"""Routes that answer without the API token: probes, which must reveal only up or down, and
+the status page (``status.py``), which holds no data and asks for the token itself."""
 
 ADMIN_PATHS: Final = frozenset(
     {"/init", "/add-learner", "/change-membership", "/remove-learner", "/transfer-leader"}

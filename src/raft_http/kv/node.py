@@ -30,7 +30,9 @@ from .api import KV_API, base_url, kv_api
 from .datadir import DataDir
 from .events import RaftEventLog
 from .instruments import InstrumentedLogStore, NodeInstruments
+from .openapi import openapi_route
 from .state_machine import KVStateMachine
+from .status import install_status
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +180,8 @@ class KVNode:
                 spool_dir=self.data_dir / "spool",
             ),
         )
+        install_status(app, api_token=self.api_token, client_ssl=self.client_ssl)
+        app.add_routes([openapi_route(RAFT_PREFIX)])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_options())
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.server_ssl)
