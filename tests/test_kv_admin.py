@@ -287,6 +287,12 @@ async def test_cli_subcommands_and_exit_codes(nodes: list[KVNode], tmp_path: Pat
     assert (code, out.split(" (")[0]) == (EXIT_OK, "removed learner(s) 4"), err
     code, out, _ = await cli("status", *a, "--json")
     assert [m["id"] for m in json.loads(out)["members"]] == [1, 2, 3]
+    code, out, err = await cli("transfer-leader", *a, "--json")
+    assert code == EXIT_OK, err
+    new_leader = json.loads(out)["leader_id"]
+    assert new_leader != leader_id
+    code, out, err = await cli("transfer-leader", *a, str(leader_id))
+    assert (code, out) == (EXIT_OK, f"node {leader_id} leads now\n"), err
     code, _, err = await cli("remove-learner", *a, "2")
     assert code == EXIT_REFUSED, "a voter is not removed as a learner"
     assert err.startswith("raft-http remove-learner: ")
@@ -314,5 +320,5 @@ async def test_version_and_help() -> None:
     assert (code, out.split()[0]) == (0, "raft-http")
     code, out, _ = await cli("--help")
     commands = ("status", "init", "add-learner", "remove-learner", "change-membership", "put")
-    for command in (*commands, "get", "delete"):
+    for command in (*commands, "get", "delete", "transfer-leader"):
         assert command in out

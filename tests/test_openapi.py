@@ -105,6 +105,8 @@ KNOWN_503 = {
     "timeout",
     "fatal",
     "raft_error",
+    "overloaded",
+    "transfer_failed",
 }
 
 schema = schemathesis.openapi.from_dict(openapi_document())

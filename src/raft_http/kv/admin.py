@@ -80,7 +80,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``status``, ``init``, ``add-learner``, ``remove-learner``,
+    """Register ``status``, ``init``, ``add-learner``, ``remove-learner``, ``transfer-leader``,
     ``change-membership``, ``put``, ``get`` and ``delete`` on the ``raft-http`` parser."""
 
     def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
@@ -103,6 +103,10 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     learner.add_argument("node_addr", metavar="HOST:PORT")
     remove = command("remove-learner", _remove_learner, "remove learners (not voters)")
     remove.add_argument("ids", nargs="+", type=_node_id, metavar="ID")
+    transfer = command("transfer-leader", _transfer_leader, "hand leadership to another voter")
+    transfer.add_argument(
+        "id", nargs="?", type=_node_id, metavar="ID", help="the voter (default: the most caught up)"
+    )
     change = command("change-membership", _change_membership, "set the voters")
     change.add_argument("voters", nargs="+", type=_node_id, metavar="ID")
     put = command("put", _put, "set a key")
@@ -151,6 +155,14 @@ async def _remove_learner(client: KVClient, args: argparse.Namespace) -> Any:
         return result
     ids = " ".join(str(i) for i in sorted(set(args.ids)))
     print(f"removed learner(s) {ids} (at {_log_index(result.log_id)})")
+    return None
+
+
+async def _transfer_leader(client: KVClient, args: argparse.Namespace) -> Any:
+    leader_id = await client.transfer_leader(args.id)
+    if args.json:
+        return {"leader_id": leader_id}
+    print(f"node {leader_id} leads now")
     return None
 
 

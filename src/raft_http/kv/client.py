@@ -227,7 +227,7 @@ class KVClient:
                 status, headers, payload = await self.request_once(method, url + route, body)
             except aiohttp.ClientConnectorError as e:
                 last = _unreachable(url, e)
-                unreachable += 1
+                unreachable += url in self.urls  # a dead leader we were sent to: no
                 if self._given_up(unreachable):
                     raise last from None
                 if url == self.leader_url:
@@ -241,7 +241,7 @@ class KVClient:
                         "outcome_unknown",
                     ) from None
                 last = _unreachable(url, e)
-                unreachable += 1
+                unreachable += url in self.urls  # a dead leader we were sent to: no
                 if self._given_up(unreachable):
                     raise last from None
                 if url == self.leader_url:
@@ -326,6 +326,13 @@ class KVClient:
         body = sorted(set(node_ids))
         payload = await self.call("POST", "/remove-learner", body, idempotent=True)
         return msgspec.convert(payload, WriteResult)
+
+    async def transfer_leader(self, to: int | None = None) -> int:
+        """Hand leadership to voter ``to`` (None: the most up-to-date); answers the new leader."""
+        body = msgspec.Raw(b"null") if to is None else to  # a JSON null body, not no body
+        payload = await self.call("POST", "/transfer-leader", body, idempotent=True)
+        self.leader_url = None  # it moved
+        return int(payload["leader_id"])
 
     async def change_membership(self, voters: Sequence[int]) -> WriteResult:
         payload = await self.call(

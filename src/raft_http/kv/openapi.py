@@ -24,6 +24,7 @@ from ..types import (
     Node,
     NodeId,
     SnapshotResponse,
+    TransferLeaderRequest,
     VoteRequest,
     VoteResponse,
 )
@@ -42,6 +43,16 @@ class Initialized(Struct, frozen=True):
 class WriteCommand(_Envelope, frozen=True, forbid_unknown_fields=True):
     """``POST /write``'s body: exactly one of ``Set`` and ``Delete`` (what ``/write`` decodes;
     a subclass only to give the schema a public name)."""
+
+
+class LeaderTransferred(Struct, frozen=True):
+    """``POST /transfer-leader``'s answer: the node that leads now."""
+
+    leader_id: NodeId
+
+
+class Handed(Struct, frozen=True):
+    """``POST /raft/transfer-leader``'s answer: ``{}``, the target campaigns."""
 
 
 BINARY: Final = "binary"
@@ -91,6 +102,14 @@ KV_OPERATIONS: Final = (
         "Remove learners (voters leave by /change-membership)",
         list[NodeId],
         WriteResult,
+        (307, *_WRITES),
+    ),
+    Operation(
+        "post",
+        "/transfer-leader",
+        "Hand leadership to a voter (null: the most up-to-date one)",
+        NodeId | None,
+        LeaderTransferred,
         (307, *_WRITES),
     ),
     Operation(
@@ -175,6 +194,14 @@ RAFT_OPERATIONS: Final = (
     ),
     Operation(
         "post", "/vote", "RequestVote", VoteRequest, VoteResponse, (400, 401, 412, 413, 415, 503)
+    ),
+    Operation(
+        "post",
+        "/transfer-leader",
+        "TransferLeader: the target campaigns at once once its log holds last_log_id",
+        TransferLeaderRequest,
+        Handed,
+        (400, 401, 412, 413, 415, 503),
     ),
     Operation(
         "post",
