@@ -225,6 +225,7 @@ async def test_kvclient_round_trip_and_failover(nodes: list[KVNode]) -> None:
     assert by_id[status.leader].role == "Leader"
 
 
+@pytest.mark.timeout(400)  # ~30 CLI processes, each a fresh interpreter
 async def test_cli_subcommands_and_exit_codes(nodes: list[KVNode], tmp_path: Path) -> None:
     a = ["--addr", nodes[1].addr]
     members = [f"{n.node_id}={n.addr}" for n in nodes]
