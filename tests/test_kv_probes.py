@@ -192,10 +192,20 @@ async def test_probes_and_prometheus_metrics_on_a_cluster(
     status, body = await get(session, leader.url + "/metrics")
     assert status == 200
     assert body["id"] == leader.node_id  # JSON by default: the core's RaftMetrics
-    status, (content_type, text) = await get(session, leader.url + "/metrics", Accept="text/plain")
+    # Compare a scrape with the core's metrics taken just before and after it, unchanged (a
+    # busy machine may slip an election in: then ask the new leader again).
+    for _ in range(50):
+        leader = next((n for n in nodes if n.raft.metrics().state == "Leader"), leader)
+        before = leader.raft.metrics()
+        status, (content_type, text) = await get(
+            session, leader.url + "/metrics", Accept="text/plain"
+        )
+        m = leader.raft.metrics()
+        if before.state == m.state == "Leader" and before.current_term == m.current_term:
+            break
+        await asyncio.sleep(0.1)
     assert status == 200
     assert content_type.startswith("text/plain; version=0.0.4")
-    m = leader.raft.metrics()
     s = scrape(text)
     assert s["raft_http_term", ()] == m.current_term
     assert s["raft_http_role", (("role", "Leader"),)] == 1

@@ -74,6 +74,7 @@ class Operation:
     open: bool = False  # answers without a token
     headers: tuple[str, ...] = ()  # required request headers (string values)
     ok_media: str = "application/json"
+    ok_status: int = 200
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -196,6 +197,16 @@ RAFT_OPERATIONS: Final = (
         "post", "/vote", "RequestVote", VoteRequest, VoteResponse, (400, 401, 412, 413, 415, 503)
     ),
     Operation(
+        "get",
+        "/append-stream",
+        "AppendEntries over one ordered WebSocket (pipelined replication)",
+        ok_status=101,
+        errors=(400, 401, 412),
+        description="Upgrade to a WebSocket; each text message is an AppendEntriesRequest, "
+        "answered in order by an AppendEntriesResponse (schemas of POST /append). "
+        "Without an upgrade: 400.",
+    ),
+    Operation(
         "post",
         "/transfer-leader",
         "TransferLeader: the target campaigns at once once its log holds last_log_id",
@@ -272,7 +283,11 @@ def openapi_document(
             ok["content"] = {"application/json": {"schema": schema_of[op.ok]}}
             if path == "/metrics":
                 ok["content"]["text/plain"] = {"schema": {"type": "string"}}
-        operation["responses"]["200"] = ok
+        if op.description:
+            operation["description"] = op.description
+        if op.ok_status != 200:
+            ok["description"] = "Switching Protocols" if op.ok_status == 101 else "OK"
+        operation["responses"][str(op.ok_status)] = ok
         for status in op.errors:
             error: dict[str, Any] = {
                 "description": _REASONS.get(status, "error"),
