@@ -222,9 +222,9 @@ async def test_probes_and_prometheus_metrics_on_a_cluster(
         assert s["raft_http_peer_matched_index", p] <= m.last_log_index
         assert s["raft_http_peer_lag_entries", p] >= 0
         assert s["raft_http_peer_reachable", p] == 1
-        sent = s[
-            "raft_http_rpc_sent_total", (("peer", str(peer.node_id)), ("route", "/raft/append"))
-        ]
+        # AppendEntries travel over the WebSocket; each message counts as one RPC.
+        route = ("route", "/raft/append-stream")
+        sent = s["raft_http_rpc_sent_total", (("peer", str(peer.node_id)), route)]
         assert sent >= 1
     assert s["raft_http_snapshot_sends_total", (("peer", "4"),)] >= 1
     assert s["raft_http_snapshot_sent_bytes_total", (("peer", "4"),)] > 100 * 10
@@ -236,7 +236,8 @@ async def test_probes_and_prometheus_metrics_on_a_cluster(
     ls = scrape(learner_text)
     assert ls["raft_http_snapshot_installs_total", ()] >= 1
     assert ls["raft_http_snapshot_received_bytes_total", ()] > 100 * 10
-    assert ls["raft_http_http_requests_total", (("route", "/raft/append"), ("status", "200"))] >= 1
+    # The leader's AppendEntries arrive on one open WebSocket (answered when it closes).
+    assert ls["raft_http_pending_requests", (("route", "/raft/append-stream"),)] >= 1
 
     # OpenMetrics to a Prometheus scrape.
     status, (content_type, text) = await get(

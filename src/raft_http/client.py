@@ -104,6 +104,11 @@ STREAM_RECHECK_AFTER: Final = 60.0
 _NO_STREAM_STATUSES: Final = frozenset({404, 405, 501})
 _UPGRADE_REFUSED_KINDS: Final = {401: "unauthorized", 412: "cluster_mismatch"}
 
+StreamObserver = Callable[[URL, int, float, "str | None"], None]
+"""Told of each answered (or failed) message of an append stream, which ``trace_configs``
+never see: the stream's URL, the bytes sent, the seconds from send to answer, and the
+error's class name (None for an answer)."""
+
 _ASCII_UNSAFE = re.compile(r"[^\x00-\x7f]")
 _SNAPSHOT_READ_LOCK = threading.Lock()
 """Serialises seek+read on snapshot files, which several uploads may share."""
@@ -213,6 +218,7 @@ class HttpNetworkFactory(RaftNetworkFactory):
         backoff: Callable[[], Backoff] | None = None,
         max_resume_attempts: int = 3,
         trace_configs: Sequence[aiohttp.TraceConfig] = (),
+        stream_observer: StreamObserver | None = None,
     ) -> None:
         if max_resume_attempts < 0:
             raise ValueError("max_resume_attempts cannot be negative")
@@ -231,6 +237,7 @@ class HttpNetworkFactory(RaftNetworkFactory):
         self._backoff = backoff or (lambda: Backoff.constant(0.5))
         self.max_resume_attempts = max_resume_attempts
         self.trace_configs = list(trace_configs)  # e.g. counting RPCs per peer and route
+        self.stream_observer = stream_observer  # what trace_configs are to each stream message
         self._no_stream: dict[str, float] = {}
         """Stream URL -> loop time a peer refused the upgrade; it gets POSTs for a while."""
 
@@ -680,7 +687,7 @@ class HttpNetwork(RaftNetwork):
 class _Pending:
     """One request of an append stream awaiting its answer."""
 
-    __slots__ = ("body", "deadline", "future", "rpc")
+    __slots__ = ("body", "deadline", "future", "rpc", "sent_at")
 
     def __init__(
         self,
@@ -692,6 +699,7 @@ class _Pending:
         self.body = APPEND_ENTRIES_REQUEST.encode(rpc)
         self.future = future
         self.deadline = deadline
+        self.sent_at = asyncio.get_running_loop().time()
 
 
 class _StreamFailed(Exception):
@@ -722,6 +730,10 @@ class _WebSocketAppendStream(AppendStream):
         self._read_deadline: asyncio.Timeout | None = None
         self._fallback: SerialAppendStream | None = None
         self._closed = False
+
+    @property
+    def pipelined(self) -> bool:
+        return self._fallback is None
 
     def send(self, rpc: AppendEntriesRequest) -> asyncio.Future[AppendEntriesResponse]:
         if self._closed:
@@ -781,8 +793,17 @@ class _WebSocketAppendStream(AppendStream):
         self._pending.clear()
         self._unsent.clear()
         for i, pending in enumerate(failed):
+            error = first if i == 0 else reset_error(first)
+            self._observe(pending, error)
             if not pending.future.done():
-                pending.future.set_exception(first if i == 0 else reset_error(first))
+                pending.future.set_exception(error)
+
+    def _observe(self, pending: _Pending, error: Exception | None) -> None:
+        observer = self._network.factory.stream_observer
+        if observer is not None:
+            seconds = asyncio.get_running_loop().time() - pending.sent_at
+            kind = None if error is None else type(error).__name__
+            observer(self._network.append_stream_url, len(pending.body), seconds, kind)
 
     def _use_posts(self) -> None:
         """The peer has no stream: hand what is pending, in order, to a POST stream."""
@@ -820,20 +841,27 @@ class _WebSocketAppendStream(AppendStream):
             raise _StreamFailed(network._transport_error(action, e)) from e
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        writer = asyncio.create_task(self._write(ws))
+        """Write and read until either fails (each raises ``_StreamFailed``)."""
+        tasks = (asyncio.create_task(self._write(ws)), asyncio.create_task(self._read(ws)))
         try:
-            await self._read(ws)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
         finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _write(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """Send what is queued, in order; a failed write shows up as the reader's error."""
+        """Send what is queued, in order."""
         while True:
             await self._more.wait()
             self._more.clear()
             while self._unsent:
-                await ws.send_bytes(self._unsent.popleft().body)
+                try:
+                    await ws.send_bytes(self._unsent.popleft().body)
+                except (aiohttp.ClientError, ConnectionError) as e:
+                    raise _StreamFailed(self._error(f"a write failed: {e!r}")) from e
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         network = self._network
@@ -873,6 +901,7 @@ class _WebSocketAppendStream(AppendStream):
         except msgspec.DecodeError:
             pass
         else:
+            self._observe(pending, None)
             if not pending.future.done():
                 pending.future.set_result(answer)
             return
@@ -891,6 +920,7 @@ class _WebSocketAppendStream(AppendStream):
             )
         else:
             error = RemoteError(self._network.target, self._network.node, _raft_error(detail))
+        self._observe(pending, error)
         if not pending.future.done():
             pending.future.set_exception(error)
 

@@ -138,6 +138,15 @@ class AppendStream(abc.ABC):
     def send(self, rpc: AppendEntriesRequest) -> asyncio.Future[AppendEntriesResponse]:
         """Queue ``rpc`` after the requests sent before it; the future gets its answer."""
 
+    @property
+    def pipelined(self) -> bool:
+        """True if a request travels before the earlier ones are answered.
+
+        The Raft core keeps several requests in flight only on a pipelined stream: on a
+        serial one, a request built later carries more entries for the same round trip.
+        """
+        return False
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Cancel what is pending and release the channel; idempotent."""

@@ -142,6 +142,18 @@ class NodeInstruments:
         if isinstance(params.exception, aiohttp.ClientConnectionError | OSError | TimeoutError):
             self.reachable[peer] = False
 
+    def stream_message(self, url: Any, nbytes: int, seconds: float, error: str | None) -> None:
+        """One AppendEntries of a ``/append-stream`` WebSocket, counted as an RPC of that route."""
+        peer, route = self._key(url)
+        rpcs = self.sent[peer, route]
+        rpcs.sent += 1
+        rpcs.bytes_sent += nbytes
+        rpcs.latency.observe(seconds)
+        if error is None:
+            self.reachable[peer] = True
+        else:
+            rpcs.errors[error] += 1
+
     # --- what this node serves: a middleware ---------------------------------------------
 
     @web.middleware

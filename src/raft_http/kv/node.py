@@ -149,6 +149,7 @@ class KVNode:
             cluster=self.cluster,
             ssl=self.client_ssl,
             trace_configs=[self.instruments.trace_config(), self.events.trace_config()],
+            stream_observer=self.instruments.stream_message,
         )
         self._network = RaftPathNetworkFactory(inner, self.scheme)
         self._raft = await Raft.create(

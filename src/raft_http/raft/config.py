@@ -27,6 +27,8 @@ class Config:
     election_timeout_max: float = 0.30
     append_timeout: float = 1.0
     max_payload_entries: int = 300
+    max_inflight_appends: int = 8
+    max_inflight_bytes: int = 16 * 1024 * 1024
     snapshot_max_chunk_size: int = DEFAULT_SNAPSHOT_CHUNK_SIZE
     snapshot_logs_since_last: int = 5000
     max_in_snapshot_log_to_keep: int = 1000
@@ -54,6 +56,8 @@ class Config:
             problems.append("transfer_leader_timeout must be > 0")
         if self.max_payload_entries < 1:
             problems.append("max_payload_entries must be >= 1")
+        if self.max_inflight_appends < 1 or self.max_inflight_bytes < 1:
+            problems.append("max_inflight_appends and max_inflight_bytes must be >= 1")
         if self.snapshot_max_chunk_size < 1:
             problems.append("snapshot_max_chunk_size must be >= 1")
         if self.snapshot_logs_since_last < 1:

@@ -1,16 +1,23 @@
 """One replication stream from the leader to one target: heartbeats, log batches, snapshots.
 
-Each stream keeps one request in flight, sends as soon as there is something new
-(or a heartbeat is due), and reacts to each answer and error kind the way the
-network contract says: back off when unreachable, shrink the batch when too large,
-search back for the match point on conflict, step down on a higher vote.
+Each stream sends as soon as there is something new (or a heartbeat is due), and reacts
+to each answer and error kind the way the network contract says: back off when
+unreachable, shrink the batch when too large, search back for the match point on
+conflict, step down on a higher vote.
+
+Requests go through the network's ``stream_append`` channel, whose answers come back in
+send order. When that channel is pipelined, up to ``Config.max_inflight_appends``
+requests (and about ``max_inflight_bytes``) are in flight once the follower is in the
+replicate state; while probing, one at a time (etcd's progress does the same). Answers
+are learnt from in order; a conflict or an error drops the window and probes again from
+what the follower confirmed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 from ..errors import (
@@ -23,13 +30,16 @@ from ..errors import (
     ReplicationClosed,
     Unreachable,
 )
-from ..network import Backoff, RaftNetwork, RPCOption
+from ..network import AppendStream, Backoff, RaftNetwork, RPCOption
 from ..types import (
     AppendEntriesRequest,
+    AppendEntriesResponse,
     Conflict,
+    Entry,
     HigherVote,
     LogId,
     Node,
+    Normal,
     PartialSuccess,
     Success,
     Vote,
@@ -41,6 +51,37 @@ if TYPE_CHECKING:
     from .node import Raft
 
 log = logging.getLogger(__name__)
+
+ENTRY_OVERHEAD_BYTES = 96
+"""About what an entry's log id and payload tag add to its data on the wire (JSON)."""
+
+
+class _InFlight:
+    """One AppendEntries sent and not yet learnt from."""
+
+    __slots__ = ("answer", "last", "leader_commit", "prev_index", "prev_log_id", "sent_at", "size")
+
+    def __init__(
+        self,
+        answer: asyncio.Future[AppendEntriesResponse],
+        rpc: AppendEntriesRequest,
+        prev_index: int,
+        sent_at: float,
+    ) -> None:
+        self.answer = answer
+        self.prev_index = prev_index
+        self.prev_log_id = rpc.prev_log_id
+        self.leader_commit = rpc.leader_commit
+        self.last = rpc.entries[-1].log_id if rpc.entries else rpc.prev_log_id
+        self.sent_at = sent_at
+        self.size = _wire_size(rpc.entries)
+
+
+def _wire_size(entries: list[Entry]) -> int:
+    return sum(
+        ENTRY_OVERHEAD_BYTES + (len(e.payload.data) if isinstance(e.payload, Normal) else 0)
+        for e in entries
+    )
 
 
 class Replicator:
@@ -59,6 +100,11 @@ class Replicator:
         """The error of the last attempt when it failed to reach the target, else None."""
         self.told_committed = -1
         """The greatest index the target acknowledged learning is committed (-1: none)."""
+        self._stream: AppendStream | None = None
+        self._window: deque[_InFlight] = deque()
+        self._window_bytes = 0
+        self.most_in_flight = 0
+        """The most AppendEntries in flight at once to this target (tests, diagnostics)."""
         self.closed: asyncio.Future[ReplicationClosed] = asyncio.get_running_loop().create_future()
         self.task = asyncio.create_task(self._run(), name=f"raft-{raft.id}-replicate-{target}")
 
@@ -82,23 +128,25 @@ class Replicator:
 
     async def _run(self) -> None:
         """Send until this node stops leading; a crash here stops the node (see Raft._spawn)."""
+        try:
+            await self._replicate()
+        finally:
+            await self._drop_window(close=True)
+
+    async def _replicate(self) -> None:
         backoff: Backoff | None = None
         heartbeat = self.raft.config.heartbeat_interval
         while self.raft.is_leader_of(self.vote):
-            if not self.progress.has_more(self.raft.log.last_index):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), heartbeat)
-                if not self.raft.is_leader_of(self.vote):
-                    return
-            self.wake.clear()
             try:
-                await self._send_once()
+                answered = await self._step(heartbeat)
             except Closed:
                 return
             except PayloadTooLarge as e:
+                await self._drop_window()
                 self.progress.too_large(e.entries_hint)
                 self._trouble(f"payload too large, now {self.entries_limit} entries per request")
             except (Unreachable, RemoteError) as e:
+                await self._drop_window()
                 self.progress.failed()
                 self.problem = f"{type(e).__name__}: {e}"
                 # Down, stopped (Fatal) or refusing us (token, cluster): back off.
@@ -107,16 +155,144 @@ class Replicator:
                 self._trouble(f"{type(e).__name__}: {e}; retrying in {delay:.3f}s")
                 await asyncio.sleep(delay)
             except RaftHttpError as e:  # Timeout, NetworkError, ...: the next try may work
+                await self._drop_window()
                 self.progress.failed()
                 self.problem = f"{type(e).__name__}: {e}"
                 self._trouble(f"{type(e).__name__}: {e}")
                 await asyncio.sleep(heartbeat)
             else:
-                backoff = None
-                self.problem = None
-                if self._problem is not None:
-                    log.info("replication to node %s recovered", self.target)
-                    self._problem = None
+                if answered is None:
+                    return
+                if answered:
+                    backoff = None
+                    self.problem = None
+                    if self._problem is not None:
+                        log.info("replication to node %s recovered", self.target)
+                        self._problem = None
+
+    async def _step(self, heartbeat: float) -> bool | None:
+        """Send what the window allows, or wait; then learn from the answers that are in.
+
+        Returns True when the target answered, False when it did not yet, None when
+        this node stopped leading. Raises the error of a failed request.
+        """
+        raft = self.raft
+        progress = self.progress
+        if progress.needs_snapshot(raft.log.last_purged):
+            if not self._window:  # what is in flight is answered first
+                self.wake.clear()
+                await self._send_snapshot()
+                return raft.is_leader_of(self.vote) or None
+        elif self._may_send() and (self.wake.is_set() or progress.has_more(raft.log.last_index)):
+            self.wake.clear()
+            self._send_append()
+            return await self._settle()
+        if not await self._wait(heartbeat):
+            if not raft.is_leader_of(self.vote):
+                return None
+            if self._may_send():
+                self.wake.set()  # quiet for a heartbeat interval: send a heartbeat
+        return await self._settle()
+
+    async def _wait(self, timeout: float) -> bool:
+        """Until the oldest answer or a wake-up; False if neither came within ``timeout``."""
+        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self.wake.wait())]
+        if self._window:
+            waits.append(self._window[0].answer)  # type: ignore[arg-type]
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waits[0].cancel()
+        return bool(done)
+
+    def _may_send(self) -> bool:
+        """Etcd's flow control: one request while probing; a window once replicating."""
+        if not self._window:
+            return True
+        if self._stream is None or not self._stream.pipelined:
+            return False
+        config = self.raft.config
+        return (
+            len(self._window) < self.progress.window(config.max_inflight_appends)
+            and self._window_bytes < config.max_inflight_bytes
+        )
+
+    def _send_append(self) -> None:
+        raft = self.raft
+        progress = self.progress
+        start, stop = progress.batch(raft.log.last_index)
+        prev_index = start - 1
+        rpc = AppendEntriesRequest(
+            self.vote, raft.log.log_id_at(prev_index), raft.log.slice(start, stop), raft.committed
+        )
+        if self._stream is None:
+            option = RPCOption(hard_ttl=raft.config.append_timeout)
+            self._stream = self.network.stream_append(option)
+        sent_at = asyncio.get_running_loop().time()
+        sent = _InFlight(self._stream.send(rpc), rpc, prev_index, sent_at)
+        progress.sent(stop - 1)
+        self._window.append(sent)
+        self._window_bytes += sent.size
+        self.most_in_flight = max(self.most_in_flight, len(self._window))
+
+    async def _settle(self) -> bool | None:
+        """Learn from the answers in, oldest first (see ``_step`` for the result)."""
+        answered = False
+        while self._window and self._window[0].answer.done():
+            sent = self._window.popleft()
+            self._window_bytes -= sent.size
+            if sent.answer.cancelled():  # only a closed stream does that; ours are not
+                raise NetworkError(f"the append stream to node {self.target} dropped an answer")
+            response = sent.answer.result()  # a failure drops the window (``_replicate``)
+            answered = True
+            if not self.raft.is_leader_of(self.vote):
+                return None
+            if not await self._learn(sent, response):
+                return None
+        return answered
+
+    async def _learn(self, sent: _InFlight, response: AppendEntriesResponse) -> bool:
+        """One answer, in send order; False when this node stopped leading."""
+        raft = self.raft
+        match response:
+            case Success():
+                self._told(sent.leader_commit, sent.last)
+                self._matched(sent.last, sent.sent_at)
+            case PartialSuccess(matching=matching):
+                self._told(sent.leader_commit, matching)
+                self._matched(matching, sent.sent_at)
+                if log_index(matching) < log_index(sent.last):
+                    # The target kept less than was sent: what follows cannot match.
+                    await self._drop_window()
+                    self.progress.failed()
+            case Conflict() if sent.prev_log_id is None:
+                # Every log holds the empty prefix: a peer saying otherwise is broken. Do
+                # not spin on it; the heartbeat pace keeps asking.
+                await self._drop_window()
+                self.progress.failed()
+                self._trouble("Conflict: the peer refuses even an empty prefix")
+                await asyncio.sleep(raft.config.heartbeat_interval)
+            case Conflict():
+                await self._drop_window()
+                self.progress.conflict(sent.prev_index)
+            case HigherVote(vote=vote):
+                await self._drop_window()
+                await raft.on_higher_vote(vote, f"append_entries to node {self.target}")
+                return False
+        return True
+
+    async def _drop_window(self, *, close: bool = False) -> None:
+        """Forget the requests in flight; the channel they were on goes with them."""
+        window, self._window = self._window, deque()
+        self._window_bytes = 0
+        for sent in window:
+            if sent.answer.done() and not sent.answer.cancelled():
+                sent.answer.exception()  # retrieved: a dropped answer is no news
+        if self._stream is not None and (window or close):
+            stream, self._stream = self._stream, None
+            await stream.aclose()
 
     def _trouble(self, problem: str) -> None:
         """Log a new kind of trouble once at WARNING; repeats of it only at DEBUG."""
@@ -126,41 +302,6 @@ class Replicator:
             self._problem = kind
         else:
             log.debug("replication to node %s: %s", self.target, problem)
-
-    async def _send_once(self) -> None:
-        raft = self.raft
-        progress = self.progress
-        if progress.needs_snapshot(raft.log.last_purged):
-            await self._send_snapshot()
-            return
-        start, stop = progress.batch(raft.log.last_index)
-        prev_index = start - 1
-        prev_log_id = raft.log.log_id_at(prev_index)
-        entries = raft.log.slice(start, stop)
-        rpc = AppendEntriesRequest(self.vote, prev_log_id, entries, raft.committed)
-        progress.sent(stop - 1)
-        sent_at = asyncio.get_running_loop().time()
-        option = RPCOption(hard_ttl=raft.config.append_timeout)
-        response = await self.network.append_entries(rpc, option)
-        if not raft.is_leader_of(self.vote):
-            return
-        match response:
-            case Success():
-                matched = entries[-1].log_id if entries else prev_log_id
-                self._told(rpc.leader_commit, matched)
-                self._matched(matched, sent_at)
-            case PartialSuccess(matching=matching):
-                self._told(rpc.leader_commit, matching)
-                self._matched(matching, sent_at)
-            case Conflict() if prev_log_id is None:
-                # Every log holds the empty prefix: a peer saying otherwise is broken. Do
-                # not spin on it; the heartbeat pace keeps asking.
-                self._trouble("Conflict: the peer refuses even an empty prefix")
-                await asyncio.sleep(raft.config.heartbeat_interval)
-            case Conflict():
-                progress.conflict(prev_index)
-            case HigherVote(vote=vote):
-                await raft.on_higher_vote(vote, f"append_entries to node {self.target}")
 
     def _told(self, leader_commit: LogId | None, matching: LogId | None) -> None:
         """A follower commits ``min(leader_commit, what it matched)`` of each request."""

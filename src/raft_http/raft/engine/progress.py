@@ -5,8 +5,9 @@ index to send it. In ``PROBE`` the leader does not know where the two logs meet:
 sends one request, and on a ``Conflict`` it halves the distance between the known
 match and the probed index (a binary search, so a follower far behind costs log2(n)
 round trips, not n). In ``REPLICATE`` the follower acknowledged the last request and
-the leader streams from there. In ``SNAPSHOT`` the entries it needs are purged, and a
-snapshot is on the way.
+the leader streams from there: each request sent moves ``next_index`` past it at once, so
+several can be in flight (``window``); an error falls back to probing from the match. In
+``SNAPSHOT`` the entries it needs are purged, and a snapshot is on the way.
 """
 
 from __future__ import annotations
@@ -50,9 +51,17 @@ class Progress:
         start = self.next_index
         return start, min(start + self.entries_limit, last_index + 1)
 
+    def window(self, max_in_flight: int) -> int:
+        """How many requests may be in flight: one while probing, none while a snapshot is."""
+        if self.state is ProgressState.REPLICATE:
+            return max(1, max_in_flight)
+        return 1 if self.state is ProgressState.PROBE else 0
+
     def sent(self, last_index: int) -> None:
-        """A request ending at ``last_index`` is on its way."""
+        """A request ending at ``last_index`` is on its way; when replicating, send past it."""
         self.in_flight = last_index
+        if self.state is ProgressState.REPLICATE:
+            self.next_index = max(self.next_index, last_index + 1)
 
     def sending_snapshot(self) -> None:
         self.state = ProgressState.SNAPSHOT
@@ -66,7 +75,10 @@ class Progress:
         advanced = log_index(matching) > log_index(self.matching)
         if advanced:
             self.matching = matching
-        self.next_index = log_index(self.matching) + 1
+        if self.state is ProgressState.REPLICATE:  # requests sent past it are still in flight
+            self.next_index = max(self.next_index, log_index(self.matching) + 1)
+        else:
+            self.next_index = log_index(self.matching) + 1
         self.acked_at = max(self.acked_at, sent_at)
         self.state = ProgressState.REPLICATE
         self.in_flight = None
@@ -86,8 +98,14 @@ class Progress:
     def too_large(self, entries_hint: int) -> None:
         """The follower refused the batch as too large: send fewer entries, at least one."""
         self.entries_limit = max(1, min(self.entries_limit - 1, entries_hint))
-        self.in_flight = None
+        self.failed()
 
     def failed(self) -> None:
-        """The request got no answer: nothing is learnt, the next one may be sent."""
+        """The request got no answer: nothing is learnt, the next one may be sent.
+
+        Requests sent past the match are forgotten: resend from the match, probing.
+        """
         self.in_flight = None
+        if self.state is ProgressState.REPLICATE:
+            self.next_index = log_index(self.matching) + 1
+            self.state = ProgressState.PROBE
