@@ -22,9 +22,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+import raft_http.spool
 from raft_http.errors import APIError, Fatal, SnapshotMismatch
 from raft_http.server import SNAPSHOT_SPOOL, raft_app
-from raft_http.spool import spool_files
+from raft_http.spool import SpoolLimits, spool_files
 from raft_http.types import (
     APPEND_ENTRIES_REQUEST,
     TRANSFER_LEADER_REQUEST,
@@ -1067,3 +1068,106 @@ async def test_per_chunk_fragment_cannot_continue_a_checksummed_upload(
         assert err["expect"] == {"snapshot_id": "resumable", "offset": 0}
         assert spool_files(tmp_path) == []
     assert handler.calls == []
+
+
+# --- spool limits ------------------------------------------------------------------------
+
+
+async def test_a_snapshot_over_the_size_cap_is_refused_before_its_body(
+    make: MakeClient, handler: RecordingHandler, tmp_path: Path
+) -> None:
+    client = await make(spool_limits=SpoolLimits(max_snapshot_size=1_000_000))
+    total = 200 * 1024**3  # declared; the body would never end
+    generated = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal generated
+        async for piece in body_stream(total):
+            generated += len(piece)
+            yield piece
+
+    headers = snapshot_headers(vote(2), snapshot_meta(), total)
+    async with client.post("/snapshot", data=endless(), headers=headers) as resp:
+        err = await error_of(resp, 413, "snapshot_too_large")
+    assert err["limit"] == 1_000_000
+    assert generated < 64 * 1024 * 1024
+    # The per-chunk form has no declared size: it is refused once what it holds passes.
+    resp = await client.post("/snapshot", json=chunk_body("snap-1", 0, b"x" * 900_000, False))
+    assert resp.status == 200, await resp.text()
+    body = chunk_body("snap-1", 900_000, b"x" * 200_000, True)
+    await error_of(await client.post("/snapshot", json=body), 413, "snapshot_too_large")
+    await assert_nothing_kept(client, handler, tmp_path)
+
+
+async def test_a_snapshot_over_the_free_space_is_refused_with_507(
+    make: MakeClient,
+    handler: RecordingHandler,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = await make(spool_limits=SpoolLimits(reserve_bytes=1_000_000))
+    monkeypatch.setattr(raft_http.spool, "free_bytes", lambda directory: 3_000_000)
+    headers = snapshot_headers(vote(2), snapshot_meta(), 2_000_001)
+    resp = await client.post("/snapshot", data=body_stream(2_000_001), headers=headers)
+    err = await error_of(resp, 507, "insufficient_storage")
+    assert "reserve" in err["message"]
+    await assert_nothing_kept(client, handler, tmp_path)
+    # Within free space minus the reserve it is accepted.
+    headers = snapshot_headers(vote(2), snapshot_meta(), 2_000_000)
+    resp = await client.post("/snapshot", data=body_stream(2_000_000), headers=headers)
+    assert resp.status == 200, await resp.text()
+
+
+async def test_a_disk_filling_up_during_an_upload_stops_it_with_507(
+    make: MakeClient,
+    handler: RecordingHandler,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = await make(spool_limits=SpoolLimits(reserve_bytes=1_000_000))
+    free = [10_000_000]
+    monkeypatch.setattr(raft_http.spool, "free_bytes", lambda directory: free[0])
+    total = 4_000_000
+
+    async def body() -> AsyncIterator[bytes]:
+        async for piece in body_stream(total):
+            if len(piece) and free[0] > 2_000_000:
+                free[0] -= 1_000_000  # something else takes the disk meanwhile
+            yield piece
+
+    headers = snapshot_headers(vote(2), snapshot_meta(), total)
+    resp = await client.post("/snapshot", data=body(), headers=headers)
+    await error_of(resp, 507, "insufficient_storage")
+    await assert_nothing_kept(client, handler, tmp_path)
+
+
+async def test_too_many_snapshots_being_installed_gives_a_retryable_503(
+    make: MakeClient, handler: RecordingHandler, tmp_path: Path
+) -> None:
+    client = await make(spool_limits=SpoolLimits(max_uploads=1))
+    release = asyncio.Event()
+    installing = handler.install_full_snapshot
+
+    async def slow_install(v: Any, snapshot: Any) -> Any:
+        await release.wait()
+        return await installing(v, snapshot)
+
+    handler.install_full_snapshot = slow_install  # type: ignore[method-assign]
+    data = snapshot_bytes(1000)
+    first = asyncio.ensure_future(
+        client.post(
+            "/snapshot", data=data, headers=snapshot_headers(vote(2), snapshot_meta("a"), 1000)
+        )
+    )
+    async with asyncio.timeout(10):
+        while spool_files(tmp_path / "spool") == [] or first.done():
+            await asyncio.sleep(0.01)
+    headers = snapshot_headers(vote(2), snapshot_meta("b"), 1000)
+    resp = await client.post("/snapshot", data=data, headers=headers)
+    await error_of(resp, 503, "spool_full")
+    assert resp.headers["Retry-After"] == "5"
+    release.set()
+    assert (await first).status == 200
+    resp = await client.post("/snapshot", data=data, headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert [i.meta.snapshot_id for i in handler.installed] == ["a", "b"]

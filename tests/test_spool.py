@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
-from raft_http.spool import OffsetMismatch, SnapshotSpool, SpoolLost, spool_files
+import raft_http.spool
+from raft_http.spool import (
+    InsufficientStorage,
+    OffsetMismatch,
+    SizeConflict,
+    SnapshotSpool,
+    SnapshotTooLarge,
+    SpoolFull,
+    SpoolLimits,
+    SpoolLost,
+    spool_files,
+)
 
 
 class FakeClock:
@@ -139,3 +151,136 @@ async def test_ids_are_never_used_as_file_names(spool: SnapshotSpool) -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="idle_timeout"):
         SnapshotSpool(idle_timeout=0)
+    with pytest.raises(ValueError, match="max_uploads"):
+        SpoolLimits(max_uploads=0)
+    with pytest.raises(ValueError, match="reserve_bytes"):
+        SpoolLimits(reserve_bytes=-1)
+
+
+# --- limits ----------------------------------------------------------------------------
+
+
+class FakeDisk:
+    """``free_bytes`` of a disk with ``free`` bytes, minus what the spool has written."""
+
+    def __init__(self, spool_dir: Path, free: int) -> None:
+        self.spool_dir = spool_dir
+        self.free = free
+
+    def __call__(self, directory: Path) -> int:
+        used = sum(p.stat().st_size for p in spool_files(self.spool_dir))
+        return self.free - used
+
+
+async def limited(tmp_path: Path, free: int = 10_000, **limits: int) -> SnapshotSpool:
+    limits.setdefault("reserve_bytes", 0)
+    spool = SnapshotSpool(tmp_path / "spool", limits=SpoolLimits(**limits))
+    await spool.start()
+    raft_http.spool.free_bytes = FakeDisk(spool.directory, free)  # undone by the fixture
+    return spool
+
+
+@pytest.fixture(autouse=True)
+def _real_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(raft_http.spool, "free_bytes", raft_http.spool.free_bytes)
+
+
+async def test_a_declared_size_over_the_cap_is_refused_before_any_file(tmp_path: Path) -> None:
+    spool = await limited(tmp_path, max_snapshot_size=1000)
+    with pytest.raises(SnapshotTooLarge) as info:
+        await spool.claim("big", 0, size=1001)
+    assert info.value.limit == 1000
+    assert spool_files(spool.directory) == []
+    lease = await spool.claim("ok", 0, size=1000)
+    # A resume is checked too: it cannot grow an upload past the cap.
+    await spool.append(lease, b"x" * 10)
+    with pytest.raises(SnapshotTooLarge):
+        await spool.claim("ok", 10, size=5000)
+    with pytest.raises(SizeConflict):
+        await spool.claim("ok", 10, size=999)
+    assert spool.snapshot_ids() == []  # a resume that changes the size drops the upload
+
+
+async def test_the_per_chunk_form_is_capped_as_it_grows(tmp_path: Path) -> None:
+    spool = await limited(tmp_path, max_snapshot_size=100)
+    lease = await spool.claim("a", 0)  # no declared size
+    await spool.append(lease, b"x" * 60)
+    with pytest.raises(SnapshotTooLarge):
+        await spool.append(lease, b"x" * 41)
+    assert spool.snapshot_ids() == []
+    assert spool_files(spool.directory) == []
+
+
+async def test_a_declared_size_over_free_space_minus_reserve_is_refused(tmp_path: Path) -> None:
+    spool = await limited(tmp_path, free=10_000, reserve_bytes=4_000)
+    with pytest.raises(InsufficientStorage) as info:
+        await spool.claim("a", 0, size=6_001)
+    assert info.value.available == 6_000
+    assert spool_files(spool.directory) == []
+    lease = await spool.claim("a", 0, size=6_000)
+    assert await spool.append(lease, b"x" * 6_000) == 6_000
+
+
+async def test_a_write_that_would_eat_the_reserve_is_refused_and_the_partial_dropped(
+    tmp_path: Path,
+) -> None:
+    spool = await limited(tmp_path, free=10_000, reserve_bytes=4_000)
+    lease = await spool.claim("a", 0, size=5_000)
+    await spool.append(lease, b"x" * 2_000)
+    raft_http.spool.free_bytes = FakeDisk(spool.directory, 7_000)  # someone else wrote 3,000
+    with pytest.raises(InsufficientStorage):
+        await spool.append(lease, b"x" * 2_000)
+    assert spool.snapshot_ids() == []
+    assert spool_files(spool.directory) == []
+
+
+async def test_space_promised_to_an_upload_in_progress_is_not_promised_twice(
+    tmp_path: Path,
+) -> None:
+    spool = await limited(tmp_path, free=10_000, reserve_bytes=0)
+    first = await spool.claim("a", 0, size=6_000)
+    await spool.append(first, b"x" * 1_000)
+    await spool.open_for_install(first)  # installing: a new upload does not supersede it
+    with pytest.raises(InsufficientStorage):
+        await spool.claim("b", 0, size=5_000)  # 1,000 written + 5,000 promised to "a"
+    assert await spool.claim("b", 0, size=4_000)
+
+
+async def test_uploads_being_installed_bound_new_ones_by_count_and_bytes(tmp_path: Path) -> None:
+    spool = await limited(
+        tmp_path, free=10**9, max_uploads=2, max_snapshot_size=1_000, max_total_bytes=1_500
+    )
+    a = await spool.claim("a", 0, size=1_000)
+    await spool.append(a, b"x" * 1_000)
+    (await spool.open_for_install(a)).close()
+    with pytest.raises(SpoolFull, match="retry later"):
+        await spool.claim("b", 0, size=600)  # 1,000 + 600 > 1,500
+    b = await spool.claim("b", 0, size=500)
+    await spool.append(b, b"x" * 500)
+    (await spool.open_for_install(b)).close()
+    with pytest.raises(SpoolFull, match="limit is 2"):
+        await spool.claim("c", 0, size=0)
+    await spool.remove("a")
+    assert await spool.claim("c", 0, size=0)
+
+
+async def test_concurrent_fresh_claims_leave_one_partial(tmp_path: Path) -> None:
+    spool = await limited(tmp_path, free=10**9, max_uploads=4)
+    results = await asyncio.gather(
+        *(spool.claim(f"id-{i}", 0, size=10) for i in range(200)), return_exceptions=True
+    )
+    assert all(isinstance(r, Exception | raft_http.spool.SpoolLease) for r in results)
+    assert len(spool.snapshot_ids()) == 1
+    assert len(spool_files(spool.directory)) == 1
+
+
+async def test_partials_left_by_a_killed_process_are_removed_at_start(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    (directory / "7-0123456789abcdef.snapshot-part").write_bytes(b"x" * 4096)
+    (directory / "operator-notes.txt").write_text("not ours")
+    spool = SnapshotSpool(directory)
+    await spool.start()
+    assert spool_files(directory) == []
+    assert (directory / "operator-notes.txt").exists()
+    assert spool.held("anything") == 0

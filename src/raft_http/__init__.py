@@ -36,6 +36,7 @@ from .network import (
     RPCOption,
     SerialAppendStream,
 )
+from .spool import SpoolLimits
 from .types import (
     MAX_INDEX,
     MAX_NODE_ID,
@@ -140,6 +141,7 @@ __all__ = [
     "SnapshotRejected",
     "SnapshotResponse",
     "SnapshotTransferError",
+    "SpoolLimits",
     "StoredMembership",
     "StreamingError",
     "Success",

@@ -48,10 +48,15 @@ from .protocol import (
 )
 from .spool import (
     ChecksumConflict,
+    InsufficientStorage,
     OffsetMismatch,
+    SizeConflict,
     SnapshotSpool,
+    SnapshotTooLarge,
     SpoolError,
+    SpoolFull,
     SpoolLease,
+    SpoolLimits,
     SpoolLost,
 )
 from .types import (
@@ -100,6 +105,9 @@ H_ID: Final = H_SNAPSHOT_ID
 H_SHA256: Final = H_SNAPSHOT_SHA256
 OCTETS: Final = OCTET_STREAM
 
+SPOOL_RETRY_AFTER: Final = "5"
+"""Seconds a sender refused with ``spool_full`` is told to wait (``Retry-After``)."""
+
 _COUNT = re.compile(r"[0-9]{1,19}")
 
 
@@ -112,6 +120,7 @@ class ServerConfig:
     max_body_size: int
     read_chunk_size: int
     spool_idle_timeout: float
+    spool_limits: SpoolLimits
 
 
 RAFT_HANDLER: Final = web.AppKey("raft_handler", RaftHandler)
@@ -197,6 +206,19 @@ async def _errors_middleware(request: web.Request, handler: _Handler) -> web.Str
         return _error_response(
             request, _Problem(exc.status, kind, exc.reason or kind, headers=headers)
         )
+    except SnapshotTooLarge as exc:
+        return _error_response(
+            request, _Problem(413, "snapshot_too_large", str(exc), limit=exc.limit)
+        )
+    except InsufficientStorage as exc:
+        return _error_response(request, _Problem(507, "insufficient_storage", str(exc)))
+    except SpoolFull as exc:
+        return _error_response(
+            request,
+            _Problem(503, "spool_full", str(exc), headers={hdrs.RETRY_AFTER: SPOOL_RETRY_AFTER}),
+        )
+    except SizeConflict as exc:
+        return _error_response(request, _Problem(400, "size_mismatch", str(exc)))
     except RaftError as exc:
         return _error_response(request, _raft_problem(exc))
     except (ConnectionError, ClientPayloadError) as exc:
@@ -454,7 +476,7 @@ class _Routes:
         spool = request.app[SNAPSHOT_SPOOL]
         sid = meta.snapshot_id
         try:
-            lease = await spool.claim(sid, offset, sha256=sha256)
+            lease = await spool.claim(sid, offset, sha256=sha256, size=size)
         except ChecksumConflict as exc:
             raise _Problem(400, "checksum_mismatch", str(exc)) from None
         except OffsetMismatch as exc:
@@ -494,7 +516,7 @@ class _Routes:
                 lease = await spool.claim(sid, rpc.offset)
             except OffsetMismatch as exc:
                 raise SnapshotMismatch((sid, exc.expected), (sid, rpc.offset)) from None
-            except ChecksumConflict:  # a streamed upload with a checksum: nothing to continue
+            except (ChecksumConflict, SizeConflict):  # a streamed upload: nothing to continue
                 raise SnapshotMismatch((sid, 0), (sid, rpc.offset)) from None
             if rpc.data:
                 await spool.append(lease, rpc.data)
@@ -652,6 +674,7 @@ def raft_app(
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     read_chunk_size: int = DEFAULT_READ_CHUNK_SIZE,
     spool_idle_timeout: float = 300.0,
+    spool_limits: SpoolLimits | None = None,
 ) -> web.Application:
     """An aiohttp app serving the Raft routes for ``handler``; mount it or run it alone.
 
@@ -659,8 +682,11 @@ def raft_app(
     matching ``Raft-Cluster`` header. ``spool_dir``: where partial snapshot uploads
     live (a temp dir removed at cleanup if None). ``max_body_size`` bounds JSON
     bodies; ``read_chunk_size`` is the read and write unit of snapshot bodies;
-    ``spool_idle_timeout`` drops a partial upload that made no progress that long.
+    ``spool_idle_timeout`` drops a partial upload that made no progress that long;
+    ``spool_limits`` bounds the disk snapshot uploads may take (see ``SpoolLimits``).
     """
+    if spool_limits is None:
+        spool_limits = SpoolLimits()
     if max_body_size <= 0 or read_chunk_size <= 0:
         raise ValueError("max_body_size and read_chunk_size must be > 0")
     config = ServerConfig(
@@ -669,8 +695,9 @@ def raft_app(
         max_body_size=max_body_size,
         read_chunk_size=read_chunk_size,
         spool_idle_timeout=spool_idle_timeout,
+        spool_limits=spool_limits,
     )
-    spool = SnapshotSpool(spool_dir, idle_timeout=spool_idle_timeout)
+    spool = SnapshotSpool(spool_dir, idle_timeout=spool_idle_timeout, limits=spool_limits)
     app = web.Application(middlewares=[_errors_middleware, _auth_middleware(token, cluster)])
     app[RAFT_HANDLER] = handler
     app[SNAPSHOT_SPOOL] = spool

@@ -9,6 +9,12 @@ Writers hold a *lease* (``SpoolLease``). Whoever claims a snapshot id later take
 the id over, so a stale writer (a connection the server has not yet noticed is
 dead) cannot interleave its bytes with the resumed upload: its next append
 raises ``SpoolLost``.
+
+The spool shares a disk with the node's log, so it is bounded (``SpoolLimits``): a
+declared size over the cap or over the free space (minus a reserve kept for the log)
+is refused before a byte is written, free space is checked again before every write,
+uploads in progress are bounded in number and bytes, and partial files left by a
+killed process are removed at start.
 """
 
 from __future__ import annotations
@@ -25,11 +31,46 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".snapshot-part"
+
+DEFAULT_MAX_SNAPSHOT_SIZE: Final = 16 * 1024**3
+DEFAULT_SPOOL_RESERVE: Final = 256 * 1024**2
+DEFAULT_MAX_UPLOADS: Final = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolLimits:
+    """How much of the disk snapshot uploads may take, so the log never runs out of it.
+
+    ``max_snapshot_size``: the largest snapshot accepted (declared, or received in the
+    per-chunk form). ``reserve_bytes``: free space on the spool's filesystem that no
+    upload may use (the log and the snapshot store live there too). ``max_uploads`` /
+    ``max_total_bytes``: partial uploads held at once (counting those being installed)
+    and the sum of their sizes; past either, a new upload is refused as retryable.
+    """
+
+    max_snapshot_size: int = DEFAULT_MAX_SNAPSHOT_SIZE
+    reserve_bytes: int = DEFAULT_SPOOL_RESERVE
+    max_uploads: int = DEFAULT_MAX_UPLOADS
+    max_total_bytes: int | None = None  # default: 2 * max_snapshot_size
+
+    def __post_init__(self) -> None:
+        if self.max_snapshot_size < 0 or self.reserve_bytes < 0:
+            raise ValueError("max_snapshot_size and reserve_bytes must be >= 0")
+        if self.max_uploads < 1:
+            raise ValueError(f"max_uploads must be >= 1, got {self.max_uploads!r}")
+        if self.max_total_bytes is not None and self.max_total_bytes < 0:
+            raise ValueError("max_total_bytes must be >= 0")
+
+    @property
+    def total_bytes(self) -> int:
+        if self.max_total_bytes is None:
+            return 2 * self.max_snapshot_size
+        return self.max_total_bytes
 
 
 class SpoolError(Exception):
@@ -69,6 +110,44 @@ class SpoolLost(SpoolError):
     """The partial upload this writer fed is gone (superseded, expired, or taken over)."""
 
 
+class SizeConflict(SpoolError):
+    """A resume declares another total size than the upload it continues (which is dropped)."""
+
+    def __init__(self, snapshot_id: str, held: int | None, got: int | None) -> None:
+        super().__init__(
+            f"snapshot {snapshot_id!r}: the upload was started with size {held}, this resume "
+            f"says {got}; partial snapshot deleted, start over at offset 0"
+        )
+
+
+class SnapshotTooLarge(SpoolError):
+    """The snapshot is larger than ``SpoolLimits.max_snapshot_size``: never retry it here."""
+
+    def __init__(self, snapshot_id: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"snapshot {snapshot_id!r} of {size} bytes exceeds this node's limit of {limit} "
+            f"bytes (max_snapshot_size)"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class InsufficientStorage(SpoolError):
+    """The spool's filesystem has no room for the upload beyond the reserve kept for the log."""
+
+    def __init__(self, snapshot_id: str, needed: int, available: int) -> None:
+        super().__init__(
+            f"snapshot {snapshot_id!r}: {needed} more bytes needed, {max(0, available)} "
+            f"available in the spool beyond the reserve kept for the log; nothing of it is kept"
+        )
+        self.needed = needed
+        self.available = available
+
+
+class SpoolFull(SpoolError):
+    """Too many uploads (or bytes) in progress at once: retry once one has finished."""
+
+
 @dataclass(eq=False)
 class _Partial:
     snapshot_id: str
@@ -77,6 +156,7 @@ class _Partial:
     last_progress: float
     generation: int
     sha256: str | None = None  # the checksum the upload was started with
+    size: int | None = None  # the declared total size (None: the per-chunk form)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     installing: bool = False
 
@@ -94,11 +174,38 @@ def _create(path: Path) -> None:
         pass
 
 
-def _write_at(path: Path, offset: int, data: bytes | bytearray | memoryview) -> None:
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``directory``'s filesystem."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _write_at(
+    path: Path, offset: int, data: bytes | bytearray | memoryview, reserve: int
+) -> int | None:
+    """Write ``data`` at ``offset``, unless it would leave less than ``reserve`` free.
+
+    Returns None when written, else the bytes available beyond the reserve.
+    """
+    available = free_bytes(path.parent) - reserve
+    if len(data) > available:
+        return available
     # "r+b": never recreate a file that was deleted under us.
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
+    return None
+
+
+def _remove_leftovers(directory: Path) -> tuple[int, int]:
+    """Delete partial uploads left by an earlier process; returns (files, bytes)."""
+    files = size = 0
+    for path in directory.glob(f"*{_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            size += path.stat().st_size
+            path.unlink()
+            files += 1
+    return files, size
 
 
 def _unlink(path: Path) -> None:
@@ -123,6 +230,7 @@ class SnapshotSpool:
         directory: str | Path | None = None,
         *,
         idle_timeout: float = 300.0,
+        limits: SpoolLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not idle_timeout > 0:
@@ -131,6 +239,7 @@ class SnapshotSpool:
         self._dir: Path | None = None
         self._owns_dir = False
         self.idle_timeout = idle_timeout
+        self.limits = limits if limits is not None else SpoolLimits()
         self._clock = clock
         self._partials: dict[str, _Partial] = {}
         self._generations = itertools.count(1)
@@ -142,7 +251,11 @@ class SnapshotSpool:
         return self._dir
 
     async def start(self) -> None:
-        """Create the directory (a temp dir when none was given)."""
+        """Create the directory (a temp dir when none was given); drop leftover partials.
+
+        A partial upload outlives its process only when that process was killed; its
+        checksum and size died with it, so it cannot be resumed safely: delete it.
+        """
         if self._dir is not None:
             return
         if self._requested_dir is None:
@@ -151,6 +264,14 @@ class SnapshotSpool:
         else:
             await asyncio.to_thread(self._requested_dir.mkdir, parents=True, exist_ok=True)
             self._dir = self._requested_dir
+            files, size = await asyncio.to_thread(_remove_leftovers, self._dir)
+            if files:
+                log.warning(
+                    "removed %d partial snapshot upload(s) (%d bytes) left in %s",
+                    files,
+                    size,
+                    self._dir,
+                )
 
     async def close(self) -> None:
         """Remove every partial upload (and the directory if the spool made it)."""
@@ -186,32 +307,31 @@ class SnapshotSpool:
     # --- writing -------------------------------------------------------------------
 
     async def claim(
-        self, snapshot_id: str, offset: int, *, sha256: str | None = None
+        self,
+        snapshot_id: str,
+        offset: int,
+        *,
+        sha256: str | None = None,
+        size: int | None = None,
     ) -> SpoolLease:
         """Take over the upload of ``snapshot_id`` from ``offset``.
 
         Offset 0 starts it afresh, dropping what was held for it and every other
-        partial upload (not the ones being installed), and remembers ``sha256``. A
-        non-zero offset must name the same ``sha256`` as the start (else
-        ``ChecksumConflict``, and the partial upload is dropped) and equal the bytes
-        held (else ``OffsetMismatch``).
+        partial upload (not the ones being installed), and remembers ``sha256`` and
+        the declared total ``size`` (None in the per-chunk form). It is refused with
+        ``SnapshotTooLarge``, ``SpoolFull`` or ``InsufficientStorage`` when the limits
+        say so. A non-zero offset must name the same ``sha256`` (else
+        ``ChecksumConflict``) and ``size`` (else ``SizeConflict``) as the start, and
+        the partial upload is dropped; and it must equal the bytes held (else
+        ``OffsetMismatch``).
         """
         if offset < 0:
             raise ValueError("offset must be >= 0")
+        limits = self.limits
+        if size is not None and size > limits.max_snapshot_size:
+            raise SnapshotTooLarge(snapshot_id, size, limits.max_snapshot_size)
         if offset == 0:
-            for other in list(self._partials.values()):
-                if not other.installing or other.snapshot_id == snapshot_id:
-                    await self._drop(other)
-            path = self.directory / (
-                f"{next(self._generations)}-"
-                f"{hashlib.sha256(snapshot_id.encode()).hexdigest()[:16]}{_SUFFIX}"
-            )
-            await asyncio.to_thread(_create, path)
-            generation = next(self._generations)
-            self._partials[snapshot_id] = _Partial(
-                snapshot_id, path, 0, self._clock(), generation, sha256
-            )
-            return SpoolLease(snapshot_id, generation)
+            return await self._claim_fresh(snapshot_id, sha256, size)
         p = self._partials.get(snapshot_id)
         if p is None or p.installing:
             raise OffsetMismatch(snapshot_id, 0 if p is None else p.held, offset)
@@ -221,11 +341,74 @@ class SnapshotSpool:
             if p.sha256 != sha256:
                 await self._drop(p)
                 raise ChecksumConflict(snapshot_id, p.sha256, sha256)
+            if p.size != size:
+                await self._drop(p)
+                raise SizeConflict(snapshot_id, p.size, size)
             if p.held != offset:
                 raise OffsetMismatch(snapshot_id, p.held, offset)
             p.generation = next(self._generations)
             p.last_progress = self._clock()
             return SpoolLease(snapshot_id, p.generation)
+
+    async def _claim_fresh(
+        self, snapshot_id: str, sha256: str | None, size: int | None
+    ) -> SpoolLease:
+        # Everything up to the insertion runs without an await, so concurrent claims
+        # cannot each keep their own partial alive past the limits.
+        limits = self.limits
+        dropped = [
+            p for p in self._partials.values() if not p.installing or p.snapshot_id == snapshot_id
+        ]
+        for p in dropped:
+            self._forget(p)
+        kept = list(self._partials.values())
+        declared = size or 0
+        try:
+            if len(kept) >= limits.max_uploads:
+                raise SpoolFull(
+                    f"snapshot {snapshot_id!r}: {len(kept)} snapshot upload(s) being "
+                    f"installed, the limit is {limits.max_uploads}; retry later"
+                )
+            in_use = sum(self._reserved(p) for p in kept)
+            if in_use + declared > limits.total_bytes:
+                raise SpoolFull(
+                    f"snapshot {snapshot_id!r}: {in_use} bytes of snapshot uploads in "
+                    f"progress, {declared} more would pass the limit of "
+                    f"{limits.total_bytes}; retry later"
+                )
+            # The dropped partials' bytes come back once unlinked below.
+            available = (
+                free_bytes(self.directory)
+                + sum(p.held for p in dropped)
+                - limits.reserve_bytes
+                - sum(self._reserved(p) - p.held for p in kept)
+            )
+            if declared > available:
+                raise InsufficientStorage(snapshot_id, declared, available)
+            path = self.directory / (
+                f"{next(self._generations)}-"
+                f"{hashlib.sha256(snapshot_id.encode()).hexdigest()[:16]}{_SUFFIX}"
+            )
+            generation = next(self._generations)
+            p = _Partial(snapshot_id, path, 0, self._clock(), generation, sha256, size)
+            self._partials[snapshot_id] = p
+        finally:
+            for old in dropped:
+                await asyncio.to_thread(_unlink, old.path)
+        try:
+            await asyncio.to_thread(_create, path)
+        except OSError as exc:
+            self._forget(p)
+            await asyncio.to_thread(_unlink, path)
+            raise InsufficientStorage(snapshot_id, declared, 0) from exc
+        if self._partials.get(snapshot_id) is not p:  # superseded while the file was made
+            await asyncio.to_thread(_unlink, path)
+            raise SpoolLost(f"partial snapshot {snapshot_id!r} was superseded")
+        return SpoolLease(snapshot_id, generation)
+
+    @staticmethod
+    def _reserved(p: _Partial) -> int:
+        return p.held if p.size is None else max(p.size, p.held)
 
     def _owned(self, lease: SpoolLease) -> _Partial:
         p = self._partials.get(lease.snapshot_id)
@@ -234,23 +417,40 @@ class SnapshotSpool:
         return p
 
     async def append(self, lease: SpoolLease, data: bytes | bytearray | memoryview) -> int:
-        """Write ``data`` after the bytes held; returns the new count held."""
+        """Write ``data`` after the bytes held; returns the new count held.
+
+        Refused, and the partial upload dropped, when the write would pass the size
+        limit (``SnapshotTooLarge``) or leave less than the reserve free on the disk
+        (``InsufficientStorage``, also for a write that fails for lack of space).
+        """
         p = self._owned(lease)
         async with p.lock:
             p = self._owned(lease)
-            write = asyncio.ensure_future(asyncio.to_thread(_write_at, p.path, p.held, data))
+            limit = self.limits.max_snapshot_size
+            if p.held + len(data) > limit:
+                await self._drop(p)
+                raise SnapshotTooLarge(lease.snapshot_id, p.held + len(data), limit)
+            write = asyncio.ensure_future(
+                asyncio.to_thread(_write_at, p.path, p.held, data, self.limits.reserve_bytes)
+            )
             try:
-                await asyncio.shield(write)
+                available = await asyncio.shield(write)
             except asyncio.CancelledError:
                 await self._settle(p, write, len(data))
                 raise
             except FileNotFoundError:
                 raise SpoolLost(f"partial snapshot {lease.snapshot_id!r} was removed") from None
+            except OSError as exc:  # ENOSPC, EDQUOT, EIO: nothing of this upload is worth keeping
+                await self._drop(p)
+                raise InsufficientStorage(lease.snapshot_id, len(data), 0) from exc
+            if available is not None:
+                await self._drop(p)
+                raise InsufficientStorage(lease.snapshot_id, len(data), available)
             p.held += len(data)
             p.last_progress = self._clock()
             return p.held
 
-    async def _settle(self, p: _Partial, write: asyncio.Future[None], n: int) -> None:
+    async def _settle(self, p: _Partial, write: asyncio.Future[int | None], n: int) -> None:
         """The writer was cancelled (e.g. its connection dropped) with a chunk in flight.
 
         A thread cannot be stopped: wait for this one chunk so the count held stays
@@ -258,12 +458,12 @@ class SnapshotSpool:
         on the partial upload rather than vouch for a count we do not know.
         """
         try:
-            await asyncio.shield(write)
+            available = await asyncio.shield(write)
         except asyncio.CancelledError:
             self._forget(p)
             loop = asyncio.get_running_loop()
 
-            def unlink_when_written(done: asyncio.Future[None]) -> None:
+            def unlink_when_written(done: asyncio.Future[int | None]) -> None:
                 if not done.cancelled():
                     done.exception()  # retrieved: the partial is gone anyway
                 loop.run_in_executor(None, _unlink, p.path)
@@ -272,6 +472,8 @@ class SnapshotSpool:
             return
         except OSError:
             return  # the file was removed under us: nothing to count
+        if available is not None:
+            return  # refused for lack of space: nothing written
         p.held += n
         p.last_progress = self._clock()
 

@@ -27,6 +27,12 @@ import msgspec
 from .. import __version__
 from ..client import parse_node_address
 from ..raft import Config
+from ..spool import (
+    DEFAULT_MAX_SNAPSHOT_SIZE,
+    DEFAULT_MAX_UPLOADS,
+    DEFAULT_SPOOL_RESERVE,
+    SpoolLimits,
+)
 from ..types import NodeId
 from .admin import add_admin_commands, run_admin
 from .datadir import DataDirError
@@ -118,6 +124,21 @@ def _env_token(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+_BYTE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def _byte_size(value: str) -> int:
+    """``1048576``, ``512KiB``, ``256M``, ``16GiB``: binary units, case-insensitive."""
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    digits = text.rstrip("kmgt")
+    unit = text[len(digits) :]
+    if not digits.isdigit() or unit not in _BYTE_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"expected a size like 4096, 256MiB or 16GiB, got {value!r}"
+        )
+    return int(digits) * _BYTE_UNITS[unit]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raft-http", description="A key-value store replicated with Raft over HTTP/JSON."
@@ -194,6 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM/SIGINT a leader first hands leadership to another voter, waiting "
         "at most this long; 0: exit at once (default: $RAFT_HTTP_TRANSFER_TIMEOUT or 2)",
+    )
+    node.add_argument(
+        "--max-snapshot-size",
+        type=_byte_size,
+        default=DEFAULT_MAX_SNAPSHOT_SIZE,
+        metavar="BYTES",
+        help="refuse (413) an incoming snapshot larger than this (default: 16GiB)",
+    )
+    node.add_argument(
+        "--spool-reserve",
+        type=_byte_size,
+        default=DEFAULT_SPOOL_RESERVE,
+        metavar="BYTES",
+        help="free disk an incoming snapshot must leave for the log; else 507 (default: 256MiB)",
+    )
+    node.add_argument(
+        "--max-spool-uploads",
+        type=_positive_int,
+        default=DEFAULT_MAX_UPLOADS,
+        metavar="N",
+        help="incoming snapshots held at once; more get a retryable 503 (default: %(default)s)",
     )
     node.add_argument(
         "--log-level",
@@ -293,6 +335,11 @@ async def run_node(args: argparse.Namespace) -> int:
         server_ssl=server_ssl,
         client_ssl=client_ssl,
         write_timeout=args.write_timeout,
+        spool_limits=SpoolLimits(
+            max_snapshot_size=args.max_snapshot_size,
+            reserve_bytes=args.spool_reserve,
+            max_uploads=args.max_spool_uploads,
+        ),
     )
     _RAFT_CONTEXT.metrics = lambda: node.raft.metrics()
     stop = asyncio.Event()

@@ -25,6 +25,7 @@ from ..network import RaftNetwork, RaftNetworkFactory
 from ..raft import Config, Raft, ServerState, SnapshotStore, SqliteLogStore
 from ..server import raft_app
 from ..serving import runner_options
+from ..spool import SpoolLimits
 from ..types import Node
 from .api import KV_API, base_url, kv_api
 from .datadir import DataDir
@@ -69,6 +70,7 @@ class KVNode:
     Raft token guards the KV API too: a node with a Raft token never takes ``/init`` or a
     membership change (which make it send that token to the addresses named) from a
     caller without a credential.
+    ``spool_limits`` bounds the disk that incoming snapshot uploads may take.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class KVNode:
         server_ssl: ssl.SSLContext | None = None,
         client_ssl: ssl.SSLContext | None = None,
         write_timeout: float = 10.0,
+        spool_limits: SpoolLimits | None = None,
     ) -> None:
         self.node_id = node_id
         self.data_dir = Path(data_dir)
@@ -101,6 +104,7 @@ class KVNode:
         self.server_ssl = server_ssl
         self.client_ssl = client_ssl
         self.write_timeout = write_timeout
+        self.spool_limits = spool_limits
         self.scheme = "https" if server_ssl is not None else "http"
         self.state_machine = KVStateMachine()
         self.instruments = NodeInstruments()
@@ -179,6 +183,7 @@ class KVNode:
                 token=self.token,
                 cluster=self.cluster,
                 spool_dir=self.data_dir / "spool",
+                spool_limits=self.spool_limits,
             ),
         )
         install_status(app, api_token=self.api_token, client_ssl=self.client_ssl)
