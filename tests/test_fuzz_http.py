@@ -34,7 +34,7 @@ from raft_http.kv.intake import ADMIN_MAX_BODY_SIZE, ADMIN_PATHS
 from raft_http.kv.node import KVNode
 from raft_http.kv.state_machine import Delete, InvalidCommand, Set, decode_command
 from raft_http.server import raft_app
-from raft_http.spool import spool_files
+from raft_http.spool import SpoolLimits, free_bytes, spool_files
 from raft_http.types import (
     APPEND_ENTRIES_REQUEST,
     INSTALL_SNAPSHOT_REQUEST,
@@ -423,6 +423,18 @@ async def test_streamed_snapshot_headers_are_checked_before_anything_is_kept(
         else:  # a stale vote: refused without reading the body
             assert not VOTE.decode(sent["Raft-Vote"] or "") >= MY_VOTE
             assert answer["vote"] == json.loads(VOTE.encode(MY_VOTE))
+    elif resp.status in (413, 507):  # the disk limits: only for a declared size past them
+        declared = int(sent["Raft-Snapshot-Size"] or "")
+        limits = SpoolLimits()
+        assert resp.content_type == "application/json", await resp.text()
+        error = (await resp.json())["error"]
+        if resp.status == 413:
+            assert error["kind"] == "snapshot_too_large"
+            assert declared > limits.max_snapshot_size
+        else:
+            assert error["kind"] == "insufficient_storage"
+            assert declared > free_bytes(spool_dir) - limits.reserve_bytes
+        assert handler.calls == []
     else:
         error = await assert_json_error(resp, 400, 409)
         assert error["kind"] in {"bad_request", "size_mismatch", "checksum_mismatch"} | {
