@@ -26,6 +26,7 @@ import msgspec
 
 from .. import __version__
 from ..client import parse_node_address
+from ..connections import DEFAULT_IDLE_TIMEOUT, ConnectionLimits
 from ..raft import Config
 from ..spool import (
     DEFAULT_MAX_SNAPSHOT_SIZE,
@@ -122,6 +123,16 @@ def _token(value: str) -> str:
 def _env_token(name: str) -> str | None:
     """A token from the environment (so it need not be on the command line); empty is unset."""
     return os.environ.get(name) or None
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value!r}")
+    return seconds
 
 
 _BYTE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -238,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="incoming snapshots held at once; more get a retryable 503 (default: %(default)s)",
     )
     node.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        metavar="N",
+        help="inbound connections held at once; past it the oldest idle non-peer one is "
+        "closed (default: the fd limit minus a quarter, at least 64, kept free)",
+    )
+    node.add_argument(
+        "--idle-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection with no request in flight after this (default: %(default)s)",
+    )
+    node.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -339,6 +364,9 @@ async def run_node(args: argparse.Namespace) -> int:
             max_snapshot_size=args.max_snapshot_size,
             reserve_bytes=args.spool_reserve,
             max_uploads=args.max_spool_uploads,
+        ),
+        connection_limits=ConnectionLimits(
+            max_connections=args.max_connections, idle_timeout=args.idle_timeout
         ),
     )
     _RAFT_CONTEXT.metrics = lambda: node.raft.metrics()

@@ -20,6 +20,7 @@ from typing import Final
 from aiohttp import web
 
 from ..client import HttpNetworkFactory
+from ..connections import AcceptErrorFilter, ConnectionGuard, ConnectionLimits, GuardedSite
 from ..errors import RaftHttpError
 from ..network import RaftNetwork, RaftNetworkFactory
 from ..raft import Config, Raft, ServerState, SnapshotStore, SqliteLogStore
@@ -70,7 +71,8 @@ class KVNode:
     Raft token guards the KV API too: a node with a Raft token never takes ``/init`` or a
     membership change (which make it send that token to the addresses named) from a
     caller without a credential.
-    ``spool_limits`` bounds the disk that incoming snapshot uploads may take.
+    ``spool_limits`` bounds the disk that incoming snapshot uploads may take;
+    ``connection_limits`` the inbound connections (peers are favoured) and their idle time.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class KVNode:
         client_ssl: ssl.SSLContext | None = None,
         write_timeout: float = 10.0,
         spool_limits: SpoolLimits | None = None,
+        connection_limits: ConnectionLimits | None = None,
     ) -> None:
         self.node_id = node_id
         self.data_dir = Path(data_dir)
@@ -105,6 +108,8 @@ class KVNode:
         self.client_ssl = client_ssl
         self.write_timeout = write_timeout
         self.spool_limits = spool_limits
+        self.connection_limits = connection_limits or ConnectionLimits()
+        self._accept_errors: AcceptErrorFilter | None = None
         self.scheme = "https" if server_ssl is not None else "http"
         self.state_machine = KVStateMachine()
         self.instruments = NodeInstruments()
@@ -188,9 +193,19 @@ class KVNode:
         )
         install_status(app, api_token=self.api_token, client_ssl=self.client_ssl)
         app.add_routes([openapi_route(RAFT_PREFIX)])
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_options())
+        guard = ConnectionGuard(self.connection_limits, peer_prefix=RAFT_PREFIX + "/")
+        app.middlewares.append(guard.middleware)
+        self._accept_errors = AcceptErrorFilter(self.connection_limits.log_interval)
+        self._accept_errors.install()
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self.connection_limits.idle_timeout,
+            **runner_options(),
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.server_ssl)
+        site = GuardedSite(self._runner, self.host, self.port, guard, ssl_context=self.server_ssl)
         await site.start()
         if self.port == 0:
             self.port = _bound_port(self._runner)
@@ -257,6 +272,9 @@ class KVNode:
         data_dir, self._data_dir = self._data_dir, None
         if data_dir is not None:
             await asyncio.to_thread(data_dir.release)
+        if self._accept_errors is not None:
+            self._accept_errors.uninstall()
+            self._accept_errors = None
         logger.info("node %d stopped", self.node_id)
 
 
