@@ -76,7 +76,12 @@ def start_flood(port: int) -> subprocess.Popen[str]:
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
 def test_a_connection_flood_does_not_cost_the_leader_its_cluster(tmp_path: Path) -> None:
-    cluster = LowFdCluster(tmp_path, [1, 2, 3])
+    # Election timeouts of 1-2 s instead of 0.15-0.3 s: on this shared 2-core machine a
+    # node can wait that long for a CPU, flood or not; a leader cut off by the flood (the
+    # failure this guards against) misses heartbeats for far longer.
+    cluster = LowFdCluster(
+        tmp_path, [1, 2, 3], ["--heartbeat-interval", "0.1", "--election-timeout", "1"]
+    )
     flooder: subprocess.Popen[str] | None = None
     try:
         cluster.start_all()

@@ -249,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="incoming snapshots held at once; more get a retryable 503 (default: %(default)s)",
     )
     node.add_argument(
+        "--heartbeat-interval",
+        type=_positive_seconds,
+        default=_DEFAULTS.heartbeat_interval,
+        metavar="SECONDS",
+        help="how often a leader sends heartbeats (default: %(default)s)",
+    )
+    node.add_argument(
+        "--election-timeout",
+        type=_positive_seconds,
+        default=_DEFAULTS.election_timeout_min,
+        metavar="SECONDS",
+        help="a follower without heartbeats for a random time between this and twice this "
+        "starts an election; must exceed --heartbeat-interval (default: %(default)s)",
+    )
+    node.add_argument(
         "--max-connections",
         type=_positive_int,
         metavar="N",
@@ -342,10 +357,15 @@ async def run_node(args: argparse.Namespace) -> int:
     _check_listen(host, port)
     _check_data_dir(args.data_dir)
     server_ssl, client_ssl = _ssl_contexts(args)
+    if not args.heartbeat_interval < args.election_timeout:
+        raise SystemExit("raft-http: --heartbeat-interval must be less than --election-timeout")
     config = Config(
         cluster_name=args.cluster or _DEFAULTS.cluster_name,
         snapshot_logs_since_last=args.snapshot_logs,
         max_in_snapshot_log_to_keep=args.keep_logs,
+        heartbeat_interval=args.heartbeat_interval,
+        election_timeout_min=args.election_timeout,
+        election_timeout_max=2 * args.election_timeout,
     )
     node = KVNode(
         args.id,
