@@ -72,7 +72,7 @@ async def test_uploads_never_fill_the_disk_the_log_needs(
     try:
         await node.start()
         assert spool_files(data_dir / "spool") == []  # removed at start
-        async with session.post(f"{node.url}/init", data=b"[]") as resp:
+        async with session.post(f"{node.url}/init", json=[]) as resp:
             assert resp.status == 200, await resp.text()
         await node.raft.wait_for(lambda m: m.state == "Leader", timeout=10, msg="leader")
         for i in range(20):

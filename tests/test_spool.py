@@ -284,3 +284,39 @@ async def test_partials_left_by_a_killed_process_are_removed_at_start(tmp_path: 
     assert spool_files(directory) == []
     assert (directory / "operator-notes.txt").exists()
     assert spool.held("anything") == 0
+
+
+# --- the running hash and the open file ------------------------------------------------
+
+
+async def test_the_digest_follows_every_batch_and_resume(spool: SnapshotSpool) -> None:
+    import hashlib
+
+    lease = await spool.claim("a", 0, sha256="0" * 64, size=12)
+    await spool.append(lease, [b"he", bytearray(b"llo"), memoryview(b" ")])
+    resumed = await spool.claim("a", 6, sha256="0" * 64, size=12)
+    await spool.append(resumed, b"world!")
+    assert spool.digest(resumed) == hashlib.sha256(b"hello world!").hexdigest()
+    with pytest.raises(SpoolLost):
+        spool.digest(lease)  # the stale lease no longer names this upload
+    f = await spool.open_for_install(resumed)
+    try:
+        assert f.read() == b"hello world!"
+    finally:
+        f.close()
+
+
+async def test_superseding_an_upload_mid_write_loses_it_without_closing_under_the_writer(
+    spool: SnapshotSpool,
+) -> None:
+    lease = await spool.claim("a", 0)
+    big = [b"x" * (1 << 20)] * 32
+    writing = asyncio.ensure_future(spool.append(lease, big))
+    await asyncio.sleep(0)  # the batch is in its worker thread
+    fresh = await spool.claim("b", 0)
+    with pytest.raises(SpoolLost):
+        await writing
+    assert await spool.append(fresh, b"ok") == 2
+    await asyncio.sleep(0.1)  # the superseded file is closed once its write is over
+    [path] = spool_files(spool.directory)
+    assert path.read_bytes() == b"ok"

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Final, NoReturn, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import msgspec
 from aiohttp import ClientPayloadError, WSCloseCode, WSMsgType, hdrs, web
@@ -562,38 +561,57 @@ class _Overlong(Exception):
 async def _spool_body(request: web.Request, lease: SpoolLease, remaining: int) -> int:
     """Write the body to the spool as it arrives; returns the bytes received.
 
-    Stops at the first byte past ``remaining`` (returns more than ``remaining``).
-    A dropped connection keeps what arrived, for a resume.
+    Pieces are handed to the spool in batches of ``_BATCH_CHUNKS`` read chunks, one
+    batch written (and hashed, in a worker thread) while the next is received: one
+    thread hop per batch, no copy of the pieces. Stops at the first byte past
+    ``remaining`` (returns more than ``remaining``). A dropped connection keeps what
+    arrived, for a resume.
     """
     spool = request.app[SNAPSHOT_SPOOL]
     chunk = request.app[SERVER_CONFIG].read_chunk_size
-    written = 0
-    pending = bytearray()
+    batch_bytes = _BATCH_CHUNKS * chunk
+    received = 0
+    batch: list[bytes] = []
+    pending = 0
+    writing: asyncio.Future[int] | None = None
+
+    async def flush() -> None:
+        nonlocal writing, batch, pending
+        if writing is not None:
+            await asyncio.shield(writing)  # at most one batch in flight
+            writing = None
+        if batch:
+            writing = asyncio.ensure_future(spool.append(lease, batch))
+            batch, pending = [], 0
+
     try:
         try:
             async for piece in request.content.iter_chunked(chunk):
-                if written + len(pending) + len(piece) > remaining:
+                received += len(piece)
+                if received > remaining:
                     raise _Overlong
-                pending += piece
-                if len(pending) >= chunk:
-                    full, pending = pending, bytearray()  # cancelled mid-write: counted once
-                    await spool.append(lease, full)
-                    written += len(full)
+                batch.append(piece)
+                pending += len(piece)
+                if pending >= batch_bytes:
+                    await flush()
+            await flush()
+            await flush()  # the last batch written too
         except (ConnectionError, ClientPayloadError, asyncio.CancelledError):
             # Dropped (a host app with handler_cancellation cancels us instead): keep
             # what arrived, so the sender can resume from it.
-            if pending:
-                with contextlib.suppress(SpoolError):
-                    await spool.append(lease, pending)
+            with contextlib.suppress(SpoolError):
+                await asyncio.shield(_keep(writing, spool.append(lease, batch)))
             log.info(
                 "snapshot %r: connection lost; %d bytes held for resume",
                 lease.snapshot_id,
                 spool.held(lease.snapshot_id),
             )
             raise
-        if pending:
-            await spool.append(lease, pending)
-            written += len(pending)
+        except BaseException:
+            if writing is not None:  # let the batch in flight finish before it is dropped
+                with contextlib.suppress(SpoolError):
+                    await asyncio.shield(writing)
+            raise
     except _Overlong:
         return remaining + 1
     except SpoolLost:
@@ -605,7 +623,19 @@ async def _spool_body(request: web.Request, lease: SpoolLease, remaining: int) -
             expected_offset=held,
             headers={H_OFFSET: str(held)},
         ) from None
-    return written
+    return received
+
+
+_BATCH_CHUNKS: Final = 4
+
+
+async def _keep(writing: asyncio.Future[int] | None, rest: Awaitable[int]) -> None:
+    """Finish the batch in flight, then write what was received after it."""
+    try:
+        if writing is not None:
+            await writing
+    finally:
+        await rest
 
 
 async def _install(
@@ -617,8 +647,9 @@ async def _install(
 ) -> SnapshotResponse:
     """Hand the completed spool to the handler, then delete it whatever the outcome.
 
-    With a ``sha256``, the whole file is hashed first (the byte count alone would
-    pass a wrongly stitched resume) and the handler sees only verified data.
+    With a ``sha256``, the digest of the whole file (kept by the spool as it wrote
+    it; the byte count alone would pass a wrongly stitched resume) must match, so
+    the handler sees only verified data.
     """
     spool = request.app[SNAPSHOT_SPOOL]
     try:
@@ -633,9 +664,8 @@ async def _install(
             headers={H_OFFSET: str(held)},
         ) from None
     try:
-        if sha256 is not None:
-            chunk = request.app[SERVER_CONFIG].read_chunk_size
-            size, actual = await asyncio.to_thread(_hash_from_start, data, chunk)
+        if sha256 is not None:  # hashed as it was written: no second pass
+            size, actual = spool.held(lease.snapshot_id), spool.digest(lease)
             if actual != sha256:
                 raise _Problem(
                     400,
@@ -648,18 +678,6 @@ async def _install(
     finally:
         await asyncio.to_thread(data.close)
         await spool.remove(lease.snapshot_id, lease)
-
-
-def _hash_from_start(data: BinaryIO, chunk: int) -> tuple[int, str]:
-    """Size and sha256 of ``data`` read from its start in chunks; leaves it at 0 again."""
-    digest = hashlib.sha256()
-    size = 0
-    data.seek(0)
-    while piece := data.read(chunk):
-        digest.update(piece)
-        size += len(piece)
-    data.seek(0)
-    return size, digest.hexdigest()
 
 
 # --- the app -----------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Partial snapshot uploads kept on disk, so a dropped transfer resumes where it stopped.
 
 A receiver holds at most one partial upload per snapshot id; a fresh upload
-supersedes the others (a leader only ever sends its latest snapshot). Every
-write and delete runs in a thread, one chunk at a time, so neither the event loop
-nor memory grows with the snapshot. No aiohttp here: any transport may use it.
+supersedes the others (a leader only ever sends its latest snapshot). Each upload
+keeps its file open and a running sha256 of the bytes held: an append writes a
+batch of buffers and hashes them in one worker thread, so the event loop never
+waits on the disk, memory stays at a batch, and checking the whole snapshot at the
+end needs no second pass. No aiohttp here: any transport may use it.
 
 Writers hold a *lease* (``SpoolLease``). Whoever claims a snapshot id later takes
 the id over, so a stale writer (a connection the server has not yet noticed is
@@ -22,16 +24,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import itertools
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +162,9 @@ class _Partial:
     size: int | None = None  # the declared total size (None: the per-chunk form)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     installing: bool = False
+    file: io.FileIO | None = None  # open for writing at ``held``; None once dropped
+    digest: Any = field(default_factory=hashlib.sha256)  # of bytes 0..held
+    writing: asyncio.Future[int | None] | None = None  # the batch being written
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +175,11 @@ class SpoolLease:
     generation: int
 
 
-def _create(path: Path) -> None:
-    with open(path, "wb"):
-        pass
+Buffer = bytes | bytearray | memoryview
+
+
+def _create(path: Path) -> io.FileIO:
+    return io.FileIO(path, "w")  # unbuffered: each batch goes straight to the kernel
 
 
 def free_bytes(directory: Path) -> int:
@@ -180,21 +188,32 @@ def free_bytes(directory: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _write_at(
-    path: Path, offset: int, data: bytes | bytearray | memoryview, reserve: int
+def _write_batch(
+    f: io.FileIO, pieces: Sequence[Buffer], digest: Any, directory: Path, reserve: int
 ) -> int | None:
-    """Write ``data`` at ``offset``, unless it would leave less than ``reserve`` free.
+    """Write and hash ``pieces`` at the file's position, unless that would leave less than
+    ``reserve`` free. Returns None when written, else the bytes available beyond the reserve.
 
-    Returns None when written, else the bytes available beyond the reserve.
+    Both ``write`` and ``sha256.update`` release the GIL: the loop keeps receiving.
     """
-    available = free_bytes(path.parent) - reserve
-    if len(data) > available:
+    available = free_bytes(directory) - reserve
+    if sum(len(piece) for piece in pieces) > available:
         return available
-    # "r+b": never recreate a file that was deleted under us.
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            written = f.write(view)
+            if written is None:  # pragma: no cover - only for non-blocking files
+                raise BlockingIOError("the spool file is non-blocking")
+            view = view[written:]
+        digest.update(piece)
     return None
+
+
+def _discard(path: Path, f: io.FileIO | None) -> None:
+    if f is not None:
+        f.close()
+    _unlink(path)
 
 
 def _remove_leftovers(directory: Path) -> tuple[int, int]:
@@ -275,10 +294,8 @@ class SnapshotSpool:
 
     async def close(self) -> None:
         """Remove every partial upload (and the directory if the spool made it)."""
-        partials = list(self._partials.values())
-        self._partials.clear()
-        for p in partials:
-            await asyncio.to_thread(_unlink, p.path)
+        for p in list(self._partials.values()):
+            await self._drop(p)
         if self._dir is not None and self._owns_dir:
             await asyncio.to_thread(shutil.rmtree, self._dir, True)
         self._dir = None
@@ -394,16 +411,17 @@ class SnapshotSpool:
             self._partials[snapshot_id] = p
         finally:
             for old in dropped:
-                await asyncio.to_thread(_unlink, old.path)
+                await self._release(old)
         try:
-            await asyncio.to_thread(_create, path)
+            f = await asyncio.to_thread(_create, path)
         except OSError as exc:
             self._forget(p)
             await asyncio.to_thread(_unlink, path)
             raise InsufficientStorage(snapshot_id, declared, 0) from exc
         if self._partials.get(snapshot_id) is not p:  # superseded while the file was made
-            await asyncio.to_thread(_unlink, path)
+            await asyncio.to_thread(_discard, path, f)
             raise SpoolLost(f"partial snapshot {snapshot_id!r} was superseded")
+        p.file = f
         return SpoolLease(snapshot_id, generation)
 
     @staticmethod
@@ -416,73 +434,99 @@ class SnapshotSpool:
             raise SpoolLost(f"partial snapshot {lease.snapshot_id!r} was superseded or expired")
         return p
 
-    async def append(self, lease: SpoolLease, data: bytes | bytearray | memoryview) -> int:
-        """Write ``data`` after the bytes held; returns the new count held.
+    async def append(self, lease: SpoolLease, data: Buffer | Sequence[Buffer]) -> int:
+        """Write (and hash) ``data``, one buffer or a batch of them, after the bytes held;
+        returns the new count held.
 
         Refused, and the partial upload dropped, when the write would pass the size
         limit (``SnapshotTooLarge``) or leave less than the reserve free on the disk
         (``InsufficientStorage``, also for a write that fails for lack of space).
         """
+        pieces: Sequence[Buffer] = (
+            [data] if isinstance(data, bytes | bytearray | memoryview) else data
+        )
+        n = sum(len(piece) for piece in pieces)
         p = self._owned(lease)
         async with p.lock:
             p = self._owned(lease)
             limit = self.limits.max_snapshot_size
-            if p.held + len(data) > limit:
+            if p.held + n > limit:
                 await self._drop(p)
-                raise SnapshotTooLarge(lease.snapshot_id, p.held + len(data), limit)
-            write = asyncio.ensure_future(
-                asyncio.to_thread(_write_at, p.path, p.held, data, self.limits.reserve_bytes)
+                raise SnapshotTooLarge(lease.snapshot_id, p.held + n, limit)
+            if p.file is None:
+                raise SpoolLost(f"partial snapshot {lease.snapshot_id!r} was removed")
+            write = p.writing = asyncio.ensure_future(
+                asyncio.to_thread(
+                    _write_batch,
+                    p.file,
+                    pieces,
+                    p.digest,
+                    self.directory,
+                    self.limits.reserve_bytes,
+                )
             )
             try:
                 available = await asyncio.shield(write)
             except asyncio.CancelledError:
-                await self._settle(p, write, len(data))
+                await self._settle(p, write, n)
                 raise
-            except FileNotFoundError:
-                raise SpoolLost(f"partial snapshot {lease.snapshot_id!r} was removed") from None
             except OSError as exc:  # ENOSPC, EDQUOT, EIO: nothing of this upload is worth keeping
                 await self._drop(p)
-                raise InsufficientStorage(lease.snapshot_id, len(data), 0) from exc
+                raise InsufficientStorage(lease.snapshot_id, n, 0) from exc
+            finally:
+                if p.writing is write and write.done():
+                    p.writing = None
             if available is not None:
                 await self._drop(p)
-                raise InsufficientStorage(lease.snapshot_id, len(data), available)
-            p.held += len(data)
+                raise InsufficientStorage(lease.snapshot_id, n, available)
+            if self._partials.get(lease.snapshot_id) is not p:  # dropped while writing
+                raise SpoolLost(f"partial snapshot {lease.snapshot_id!r} was removed")
+            p.held += n
             p.last_progress = self._clock()
             return p.held
 
     async def _settle(self, p: _Partial, write: asyncio.Future[int | None], n: int) -> None:
-        """The writer was cancelled (e.g. its connection dropped) with a chunk in flight.
+        """The writer was cancelled (e.g. its connection dropped) with a batch in flight.
 
-        A thread cannot be stopped: wait for this one chunk so the count held stays
-        true and the upload stays resumable. Cancelled again while waiting, give up
-        on the partial upload rather than vouch for a count we do not know.
+        A thread cannot be stopped: wait for this one batch so the count held (and the
+        hash) stay true and the upload stays resumable. Cancelled again while waiting,
+        give up on the partial upload rather than vouch for a count we do not know
+        (its file is closed once the write is over: see ``_release``).
         """
         try:
             available = await asyncio.shield(write)
         except asyncio.CancelledError:
+            write.add_done_callback(_retrieve)
             self._forget(p)
-            loop = asyncio.get_running_loop()
-
-            def unlink_when_written(done: asyncio.Future[int | None]) -> None:
-                if not done.cancelled():
-                    done.exception()  # retrieved: the partial is gone anyway
-                loop.run_in_executor(None, _unlink, p.path)
-
-            write.add_done_callback(unlink_when_written)
+            await asyncio.shield(self._release(p))
             return
         except OSError:
-            return  # the file was removed under us: nothing to count
+            await self._drop(p)
+            return
         if available is not None:
-            return  # refused for lack of space: nothing written
-        p.held += n
-        p.last_progress = self._clock()
+            await self._drop(p)
+            return
+        if self._partials.get(p.snapshot_id) is p:
+            p.held += n
+            p.last_progress = self._clock()
+
+    def digest(self, lease: SpoolLease) -> str:
+        """The sha256 (hex) of the bytes held by the upload ``lease`` owns."""
+        p = self._partials.get(lease.snapshot_id)
+        if p is None or p.generation != lease.generation:
+            raise SpoolLost(f"partial snapshot {lease.snapshot_id!r} was superseded or expired")
+        digest: str = p.digest.hexdigest()
+        return digest
 
     async def open_for_install(self, lease: SpoolLease) -> BinaryIO:
         """Open the completed upload at offset 0; it stays until ``remove``."""
         p = self._owned(lease)
-        async with p.lock:
+        async with p.lock:  # no write in flight once we hold it
             p = self._owned(lease)
             p.installing = True
+            f, p.file = p.file, None
+        if f is not None:
+            await asyncio.to_thread(f.close)
         return await asyncio.to_thread(_open_read, p.path)
 
     async def remove(self, snapshot_id: str, lease: SpoolLease | None = None) -> None:
@@ -523,7 +567,27 @@ class SnapshotSpool:
 
     async def _drop(self, p: _Partial) -> None:
         self._forget(p)
-        await asyncio.to_thread(_unlink, p.path)
+        await self._release(p)
+
+    async def _release(self, p: _Partial) -> None:
+        """Delete a forgotten partial's file; close it now, or once its write is over.
+
+        Closing a file while a thread writes to it could let its descriptor number be
+        reused by another open (the log's) and that thread write there.
+        """
+        f, p.file = p.file, None
+        write = p.writing
+        if write is not None and not write.done() and f is not None:
+            loop = asyncio.get_running_loop()
+            closing = f
+            write.add_done_callback(lambda _: loop.run_in_executor(None, closing.close))
+            f = None
+        await asyncio.to_thread(_discard, p.path, f)
+
+
+def _retrieve(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled():
+        done.exception()  # retrieved: the partial upload is gone anyway
 
 
 def spool_files(directory: str | os.PathLike[str]) -> list[Path]:
