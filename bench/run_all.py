@@ -29,6 +29,7 @@ from _harness import BENCH, RESULTS_DIR, machine_info
 # In the order RESULTS.md shows them; a script that is not there (yet) is skipped.
 BENCHMARKS = [
     "bench_append.py",
+    "bench_snapshot.py",
     "bench_http_write.py",
     "bench_client_write.py",
     "bench_failover.py",
