@@ -1145,10 +1145,11 @@ async def test_too_many_snapshots_being_installed_gives_a_retryable_503(
     make: MakeClient, handler: RecordingHandler, tmp_path: Path
 ) -> None:
     client = await make(spool_limits=SpoolLimits(max_uploads=1))
-    release = asyncio.Event()
+    entered, release = asyncio.Event(), asyncio.Event()
     installing = handler.install_full_snapshot
 
     async def slow_install(v: Any, snapshot: Any) -> Any:
+        entered.set()
         await release.wait()
         return await installing(v, snapshot)
 
@@ -1160,14 +1161,13 @@ async def test_too_many_snapshots_being_installed_gives_a_retryable_503(
         )
     )
     async with asyncio.timeout(10):
-        while spool_files(tmp_path / "spool") == [] or first.done():
-            await asyncio.sleep(0.01)
-    headers = snapshot_headers(vote(2), snapshot_meta("b"), 1000)
-    resp = await client.post("/snapshot", data=data, headers=headers)
-    await error_of(resp, 503, "spool_full")
-    assert resp.headers["Retry-After"] == "5"
-    release.set()
-    assert (await first).status == 200
-    resp = await client.post("/snapshot", data=data, headers=headers)
-    assert resp.status == 200, await resp.text()
+        await entered.wait()  # "a" is being installed: a new upload cannot supersede it
+        headers = snapshot_headers(vote(2), snapshot_meta("b"), 1000)
+        resp = await client.post("/snapshot", data=data, headers=headers)
+        await error_of(resp, 503, "spool_full")
+        assert resp.headers["Retry-After"] == "5"
+        release.set()
+        assert (await first).status == 200
+        resp = await client.post("/snapshot", data=data, headers=headers)
+        assert resp.status == 200, await resp.text()
     assert [i.meta.snapshot_id for i in handler.installed] == ["a", "b"]
