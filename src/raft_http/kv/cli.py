@@ -357,8 +357,6 @@ async def run_node(args: argparse.Namespace) -> int:
     _check_listen(host, port)
     _check_data_dir(args.data_dir)
     server_ssl, client_ssl = _ssl_contexts(args)
-    if not args.heartbeat_interval < args.election_timeout:
-        raise SystemExit("raft-http: --heartbeat-interval must be less than --election-timeout")
     config = Config(
         cluster_name=args.cluster or _DEFAULTS.cluster_name,
         snapshot_logs_since_last=args.snapshot_logs,
@@ -442,7 +440,10 @@ async def serve(node: KVNode, stop: asyncio.Event, transfer_timeout: float = 0.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "node" and not args.heartbeat_interval < args.election_timeout:
+        parser.error("--heartbeat-interval must be less than --election-timeout")
     if args.command != "node":
         return run_admin(args)
     _setup_logging(args)
