@@ -324,7 +324,14 @@ class GuardedSite(web.BaseSite):
                 self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
         )[0]
-        sock = socket.create_server(address[:2], family=family, backlog=self._backlog)
+        try:
+            sock = socket.create_server(address[:2], family=family, backlog=self._backlog)
+        except OSError as e:  # worded as asyncio's create_server words it
+            raise OSError(
+                e.errno,
+                f"error while attempting to bind on address {address[:2]!r}: "
+                f"{(e.strerror or str(e)).lower()}",
+            ) from None
         try:
             # asyncio accepts up to ``backlog`` connections per wakeup and calls listen()
             # with it: give it a small batch, then give the kernel its queue back.
