@@ -195,16 +195,28 @@ class Replicator:
         return await self._settle()
 
     async def _wait(self, timeout: float) -> bool:
-        """Until the oldest answer or a wake-up; False if neither came within ``timeout``."""
-        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self.wake.wait())]
+        """Until the oldest answer or a wake-up; False if neither came within ``timeout``.
+
+        A wake-up counts only when something could be sent on it: with the window full
+        (or a snapshot waiting for it to drain), a set ``wake`` would return at once and
+        the task would spin until the oldest answer came.
+        """
+        waits: list[asyncio.Future[object]] = []
         if self._window:
             waits.append(self._window[0].answer)  # type: ignore[arg-type]
+        woken: asyncio.Task[bool] | None = None
+        if not self._window or (
+            self._may_send() and not self.progress.needs_snapshot(self.raft.log.last_purged)
+        ):
+            woken = asyncio.ensure_future(self.wake.wait())
+            waits.append(woken)  # type: ignore[arg-type]
         try:
             done, _ = await asyncio.wait(
                 waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            waits[0].cancel()
+            if woken is not None:
+                woken.cancel()
         return bool(done)
 
     def _may_send(self) -> bool:
