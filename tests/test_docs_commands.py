@@ -35,7 +35,7 @@ except ImportError:
     from cluster_helpers import free_ports  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["getting-started.md", "operations.md", "embedding.md", "troubleshooting.md"]
+DOCS = ["getting-started.md", "operations.md", "embedding.md", "troubleshooting.md", "kv.md"]
 SKIP = "<!-- docs-test: skip"
 BLOCK_TIMEOUT = 90.0
 
