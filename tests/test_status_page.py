@@ -30,7 +30,8 @@ CHROMIUM = Chromium.find()
 IN_CI = os.environ.get("CI") == "true"
 
 ROWS = "JSON.stringify([...document.querySelectorAll('#members tr')].map(r => [+r.dataset.node, r.dataset.role]))"  # noqa: E501
-LEADER = "document.getElementById('leader').dataset.leader || null"
+# Null-safe: the first evaluation may run before the page's document is in place.
+LEADER = "document.getElementById('leader')?.dataset.leader || null"
 
 
 @pytest.fixture
