@@ -39,3 +39,13 @@ async def nodes() -> AsyncIterator[list[KVNode]]:
     yield started
     for node in started:
         await node.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What the deterministic simulation (tests/test_simulation.py) ran, if it ran."""
+    from sim.summary import TOTALS
+
+    if TOTALS.seeds:
+        terminalreporter.section("raft simulation")
+        for line in TOTALS.lines():
+            terminalreporter.write_line(line)

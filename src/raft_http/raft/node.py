@@ -138,6 +138,7 @@ class Raft:
         log_store: LogStore,
         state_machine: StateMachine,
         snapshot_store: SnapshotStore,
+        rng: random.Random | None = None,
     ) -> None:
         self.id = node_id
         self.config = config
@@ -145,6 +146,8 @@ class Raft:
         self.log_store = log_store
         self.state_machine = state_machine
         self.snapshot_store = snapshot_store
+        self._rng = rng
+        """The source of election jitter and snapshot ids; None: the global ``random``."""
 
         self.log = RaftLog()
         self.committed: LogId | None = None
@@ -185,9 +188,14 @@ class Raft:
         log_store: LogStore,
         state_machine: StateMachine,
         snapshot_store: SnapshotStore,
+        rng: random.Random | None = None,
     ) -> Raft:
-        """Load the durable state, rebuild the state machine, and start the node's timers."""
-        raft = cls(node_id, config, network, log_store, state_machine, snapshot_store)
+        """Load the durable state, rebuild the state machine, and start the node's timers.
+
+        ``rng``: a seeded source of randomness, so that a simulation on virtual time
+        replays the same run from the same seed.
+        """
+        raft = cls(node_id, config, network, log_store, state_machine, snapshot_store, rng)
         await raft._load()
         raft._running = True
         raft._reset_election_deadline()
@@ -314,8 +322,13 @@ class Raft:
         self._changed = asyncio.Event()
 
     def _reset_election_deadline(self) -> None:
-        timeout = random.uniform(self.config.election_timeout_min, self.config.election_timeout_max)
+        uniform = random.uniform if self._rng is None else self._rng.uniform
+        timeout = uniform(self.config.election_timeout_min, self.config.election_timeout_max)
         self._election_deadline = self._loop.time() + timeout
+
+    def _random_tag(self) -> str:
+        """Eight hex digits that make a snapshot id unique."""
+        return uuid.uuid4().hex[:8] if self._rng is None else f"{self._rng.getrandbits(32):08x}"
 
     def _update_role(self) -> None:
         if self._leader is not None or not self._running:
@@ -1040,7 +1053,7 @@ class Raft:
             last_log_id=last,
             last_membership=self._memberships.at(last.index),
             snapshot_id=f"{last.leader_id.term}-{last.leader_id.node_id}-{last.index}-"
-            f"{uuid.uuid4().hex[:8]}",
+            f"{self._random_tag()}",
         )
         writer = self.state_machine.begin_snapshot()
         self._snapshot_task = self._spawn(self._finish_snapshot(meta, writer), "snapshot")

@@ -1,0 +1,105 @@
+"""Scripted runs on the simulator: exact interleavings, staged with partitions and crashes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from raft_http.raft import Config, Raft
+from raft_http.types import log_id_key, log_index
+
+from .cluster import Simulation
+
+FIGURE_8_CONFIG = Config(
+    heartbeat_interval=0.05,
+    election_timeout_min=0.15,
+    election_timeout_max=0.3,
+    max_payload_entries=1,  # an old entry travels alone, ahead of the new leader's blank
+    snapshot_logs_since_last=10_000,
+)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} virtual seconds waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+def _leader_in(sim: Simulation, ids: set[int]) -> Raft | None:
+    leaders = [r for n, r in sorted(sim.nodes.items()) if n in ids and r._leader is not None]
+    return leaders[0] if leaders else None
+
+
+async def figure_8(sim: Simulation) -> None:
+    """The Raft paper's Figure 8, on five voters.
+
+    (a) Leader A's entry e at index i reaches one follower F only.
+    (b) A crashes; B, elected by the other three, appends its own entry at i, alone.
+    (c) A restarts; A or F leads in a later term and copies e to a third node: e is
+        now on a majority. The leader crashes the moment it commits index i.
+    (d) B restarts and, with the votes of the nodes whose log does not pass its own,
+        wins. If (c) committed e by counting replicas, B now overwrites a committed
+        entry; a correct leader commits i only with an entry of its own term, which
+        B's voters would then hold, so B cannot win.
+    """
+    ids = set(sim.options.node_ids)
+    await until(lambda: sim._leader() is not None, "a first leader")
+    a = sim._leader()
+    assert a is not None
+    await a.client_write(b'{"op": "set", "key": "k", "value": "first"}')
+    await until(
+        lambda: all(log_index(r.committed) == log_index(a.committed) for r in sim.nodes.values()),
+        "every node to commit the first write",
+    )
+    # (a)
+    f = min(ids - {a.id})
+    sim.router.partition({a.id, f}, ids - {a.id, f})
+    i = a.log.last_index + 1
+    write = asyncio.ensure_future(a.client_write(b'{"op": "set", "key": "k", "value": "e"}'))
+    write.add_done_callback(lambda t: t.cancelled() or t.exception())
+    await until(lambda: sim.nodes[f].log.last_index >= i, "F to hold e")
+    # (b)
+    sim.crash(a.id)
+    others = ids - {a.id, f}
+    sim.router.partition({f}, others)
+
+    def isolate_a_new_leader() -> None:
+        leader = _leader_in(sim, others)
+        if leader is not None:
+            sim.router.isolate(leader.id)
+
+    sim.on_step.append(isolate_a_new_leader)
+    await until(lambda: _leader_in(sim, others) is not None, "B to be elected")
+    b = _leader_in(sim, others)
+    assert b is not None
+    await until(lambda: b.log.last_index >= i, "B's own entry at i")
+    sim.on_step.remove(isolate_a_new_leader)
+    b_last = b.log.last_log_id
+    sim.crash(b.id)
+    # (c)
+    sim.router.heal()
+    sim.router.isolate(b.id)
+    await sim.start(a.id)
+    crashed: list[int] = []
+
+    def crash_on_commit() -> None:
+        leader = _leader_in(sim, ids - {b.id})
+        if leader is not None and log_index(leader.committed) >= i and not crashed:
+            crashed.append(leader.id)
+            sim.crash(leader.id)
+
+    sim.on_step.append(crash_on_commit)
+    await until(lambda: bool(crashed), "a leader to commit index i")
+    sim.on_step.remove(crash_on_commit)
+    # (d)
+    sim.router.heal()
+    await sim.start(b.id)
+    sim.router.isolate(crashed[0])
+    for n, raft in sim.nodes.items():
+        if n != b.id and log_id_key(raft.log.last_log_id) > log_id_key(b_last):
+            sim.router.isolate(n)
+    await asyncio.sleep(3.0)
+    sim.router.heal()
