@@ -36,6 +36,7 @@ from raft_http.types import (
     VoteRequest,
     VoteResponse,
 )
+from sim.virtual_time import on_virtual_time
 
 
 async def log_ids(c: Cluster, node_id: int) -> list[tuple[int, int]]:
@@ -46,6 +47,7 @@ async def log_ids(c: Cluster, node_id: int) -> list[tuple[int, int]]:
     return [(e.log_id.term, e.log_id.index) for e in entries]
 
 
+@on_virtual_time
 async def test_single_node_elects_itself_and_applies_writes(cluster: Cluster) -> None:
     leader = await cluster.initialized([1])
     first = await leader.client_write(cmd(1))
@@ -55,6 +57,7 @@ async def test_single_node_elects_itself_and_applies_writes(cluster: Cluster) ->
     assert cluster.machines[1].applied == [{"n": 1}, {"n": 2}]
 
 
+@on_virtual_time
 async def test_three_nodes_elect_one_leader_and_replicate(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     results = await asyncio.gather(*(leader.client_write(cmd(i)) for i in range(50)))
@@ -70,6 +73,7 @@ async def test_three_nodes_elect_one_leader_and_replicate(cluster: Cluster) -> N
         assert cluster.nodes[node_id].metrics().current_leader == leader.id
 
 
+@on_virtual_time
 async def test_concurrent_writes_are_batched_into_few_appends(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     follower = next(i for i in cluster.nodes if i != leader.id)
@@ -79,6 +83,7 @@ async def test_concurrent_writes_are_batched_into_few_appends(cluster: Cluster) 
     assert appends < 100, f"200 writes took {appends} appends to one follower"
 
 
+@on_virtual_time
 async def test_follower_refuses_writes_and_names_the_leader(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     follower = next(n for i, n in cluster.nodes.items() if i != leader.id)
@@ -91,6 +96,7 @@ async def test_follower_refuses_writes_and_names_the_leader(cluster: Cluster) ->
         await follower.ensure_linearizable()
 
 
+@on_virtual_time
 async def test_write_must_be_json(cluster: Cluster) -> None:
     leader = await cluster.initialized([1])
     with pytest.raises(ValueError, match="JSON"):
@@ -98,12 +104,14 @@ async def test_write_must_be_json(cluster: Cluster) -> None:
     assert cluster.machines[1].applied == []
 
 
+@on_virtual_time
 async def test_initialize_twice_is_refused(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     with pytest.raises(NotAllowed):
         await leader.initialize({1: cluster.node(1)})
 
 
+@on_virtual_time
 async def test_failover_keeps_every_acknowledged_write(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     acked = [await leader.client_write(cmd(i)) for i in range(20)]
@@ -119,6 +127,7 @@ async def test_failover_keeps_every_acknowledged_write(cluster: Cluster) -> None
     assert len(acked) == 20
 
 
+@on_virtual_time
 async def test_at_most_one_leader_per_term_under_churn(cluster: Cluster) -> None:
     await cluster.initialized([1, 2, 3, 4, 5])
     seen: dict[int, set[int]] = {}
@@ -174,6 +183,7 @@ async def test_minority_leader_cannot_commit_and_its_entries_are_replaced(
     assert committed.log_id.index < winner.log_id.index
 
 
+@on_virtual_time
 async def test_rejoining_node_does_not_depose_a_healthy_leader(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     term = leader.metrics().current_term
@@ -223,6 +233,7 @@ async def test_lagging_follower_catches_up_by_snapshot(tmp_path: Path) -> None:
         await c.close()
 
 
+@on_virtual_time
 async def test_payload_too_large_shrinks_batches(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     follower = next(i for i in cluster.nodes if i != leader.id)
@@ -237,6 +248,7 @@ async def test_payload_too_large_shrinks_batches(cluster: Cluster) -> None:
     assert replicator.entries_limit <= 3, "the core did not shrink its batches"
 
 
+@on_virtual_time
 async def test_restart_keeps_vote_log_and_state(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     writes = [await leader.client_write(cmd(i)) for i in range(10)]
@@ -418,6 +430,7 @@ async def test_cancelled_append_entries_leaves_memory_and_storage_agreeing(
         await c.close()
 
 
+@on_virtual_time
 async def test_leader_cut_off_from_its_quorum_steps_down(cluster: Cluster) -> None:
     """Check-quorum: a minority leader stops taking writes instead of queueing them forever."""
     leader = await cluster.initialized([1, 2, 3])
@@ -437,6 +450,7 @@ async def test_leader_cut_off_from_its_quorum_steps_down(cluster: Cluster) -> No
     assert cluster.machines[leader.id].applied == [{"n": 2}]
 
 
+@on_virtual_time
 async def test_a_crashing_replication_task_stops_the_node(cluster: Cluster) -> None:
     """A bug in a background task must stop the node, not leave a leader that never replicates."""
     leader = await cluster.initialized([1, 2, 3])

@@ -52,6 +52,7 @@ from raft_http.types import (
     Vote,
 )
 from seeds import seeds_from_env
+from sim.virtual_time import on_virtual_time
 
 NODES = {i: Node(f"mem-{i}") for i in (1, 2, 3)}
 QUIET = Config(
@@ -302,6 +303,7 @@ async def test_follower_refuses_to_truncate_committed_entries(tmp_path: Path) ->
         await raft.shutdown()
 
 
+@on_virtual_time
 async def test_restart_in_joint_config_then_finish_the_change(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     await leader.client_write(cmd(0))
@@ -331,6 +333,7 @@ async def test_restart_in_joint_config_then_finish_the_change(cluster: Cluster) 
         assert cluster.nodes[i].metrics().membership_config.membership.configs == [[3, 4, 5]]
 
 
+@on_virtual_time
 async def test_linearizable_read_after_failover_sees_acknowledged_writes(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     acked = [await leader.client_write(cmd(i)) for i in range(10)]
@@ -342,6 +345,7 @@ async def test_linearizable_read_after_failover_sees_acknowledged_writes(cluster
     assert cluster.machines[new.id].applied[:10] == [{"n": i} for i in range(10)]
 
 
+@on_virtual_time
 async def test_removed_follower_does_not_disrupt_the_cluster(cluster: Cluster) -> None:
     leader = await cluster.initialized([1, 2, 3])
     victim = next(i for i in cluster.nodes if i != leader.id)
@@ -508,6 +512,7 @@ SNAPPY = Config(
 )
 
 
+@on_virtual_time
 async def test_crash_between_snapshot_save_and_purge_then_restart_catches_up(
     tmp_path: Path,
 ) -> None:

@@ -319,7 +319,7 @@ class Simulation:
             "bounce": 2,
             "restart": 4,
             "snapshot": 2,
-            "membership": 3,
+            "membership": 8,
         }
         names, weights = list(actions), list(actions.values())
         while loop.time() < until:
@@ -390,14 +390,20 @@ class Simulation:
         return max(leaders, key=lambda r: r._vote.term) if leaders else None
 
     async def _change_membership(self, rng: random.Random) -> None:
-        """Grow the voters to five, or shrink them to three (keeping or dropping the others)."""
+        """Grow the voters to five, shrink them to three (keeping the others as learners or
+        dropping them), or remove the learners."""
         leader = self._leader()
         if leader is None:
             return
         membership = leader.membership.membership
         voters = membership.voter_ids()
+        learners = set(membership.nodes) - voters
         try:
             async with asyncio.timeout(3.0):
+                if learners and rng.random() < 0.5 and hasattr(leader, "remove_learner"):
+                    await leader.remove_learner(rng.sample(sorted(learners), 1))
+                    self.report.faults["remove_learner"] += 1
+                    return
                 if len(voters) <= 3 and rng.random() < 0.7:
                     new = set(self.options.node_ids)
                 else:
