@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raft_http.errors import RaftHttpError
-from raft_http.raft import Config, ForwardToLeader, NotAllowed, Raft, WriteAborted
+from raft_http.raft import Config, ForwardToLeader, NotAllowed, Raft, ServerState, WriteAborted
 from raft_http.types import Entry, EntryPayload, LogId, Node, log_index
 
 from .linearizability import INF, CheckResult, Op, check_history
@@ -36,6 +36,11 @@ from .state_machine import SimKV, delete_command, set_command
 from .storage import SimDisk, SimLogStore, SimSnapshotStore
 
 REPLAY = "RAFT_SIM_SEEDS={seed} python -m pytest tests/test_simulation.py -k test_seeds -q"
+
+
+KNOWN_LIVENESS_BUG = "known liveness bug (removed before the change commits)"
+"""A seed that ends so is an xfail, not a failure; the strict reproduction is
+test_voters_removed_by_an_uncommitted_change_still_let_the_cluster_elect."""
 
 
 class Violation(AssertionError):
@@ -429,6 +434,18 @@ class Simulation:
             if leader is not None and self._converged(leader):
                 break
             if loop.time() > deadline:
+                stuck = sorted(
+                    n
+                    for n, r in self.nodes.items()
+                    if r.metrics().state is ServerState.REMOVED
+                    and log_index(r.membership.log_id) > log_index(r.committed)
+                )
+                if stuck:
+                    raise Violation(
+                        f"{KNOWN_LIVENESS_BUG}: nodes {stuck} hold an uncommitted config that"
+                        f" removes them and do not campaign; no leader {self.options.settle}s"
+                        " after healing"
+                    )
                 raise Violation(f"no convergence {self.options.settle}s after healing")
             await asyncio.sleep(0.1)
         assert leader is not None

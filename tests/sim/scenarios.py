@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
+from raft_http.errors import RaftHttpError
 from raft_http.raft import Config, Raft
 from raft_http.types import log_id_key, log_index
 
@@ -102,4 +104,46 @@ async def figure_8(sim: Simulation) -> None:
         if n != b.id and log_id_key(raft.log.last_log_id) > log_id_key(b_last):
             sim.router.isolate(n)
     await asyncio.sleep(3.0)
+    sim.router.heal()
+
+
+async def removed_before_the_change_commits(sim: Simulation) -> None:
+    """Voters removed by a change that is not committed yet, holding its last entry.
+
+    Leader L of voters {L, R, S} with learners 4 and 5 changes the voters to {S, 4, 5}.
+    Once the joint config commits, L is cut off from S, 4 and 5: the final config
+    reaches only R. L steps down. Then the network heals: L and R hold the final config,
+    which leaves them out, so they do not campaign; S, 4 and 5 still hold the joint
+    config, whose old half needs L's or R's vote, which neither grants to a log shorter
+    than its own. Raft thesis §4.2.2: a server not in its latest configuration still
+    starts elections until that configuration is committed.
+    """
+    await until(lambda: sim._leader() is not None, "a first leader")
+    leader = sim._leader()
+    assert leader is not None
+    for n in (4, 5):
+        await leader.add_learner(n, sim.addr(n), blocking=True, timeout=5.0)
+    staying = max(n for n in (1, 2, 3) if n != leader.id)
+    removed = {1, 2, 3} - {staying}
+    new_voters = {staying, 4, 5}
+    joint_index: list[int] = []
+
+    def cut_off_once_joint_commits() -> None:
+        stored = leader.membership
+        if not joint_index and stored.membership.is_joint():
+            joint_index.append(log_index(stored.log_id))
+        if joint_index and log_index(leader.committed) >= joint_index[0]:
+            sim.router.partition(removed, new_voters)
+            sim.on_step.remove(cut_off_once_joint_commits)
+
+    sim.on_step.append(cut_off_once_joint_commits)
+    change = asyncio.ensure_future(leader.change_membership(new_voters))
+    other = sim.nodes[min(removed - {leader.id})]
+    await until(
+        lambda: other.membership.membership.configs == [sorted(new_voters)],
+        "the final config to reach the other removed voter",
+    )
+    with contextlib.suppress(RaftHttpError, TimeoutError):
+        async with asyncio.timeout(5.0):
+            await change
     sim.router.heal()
