@@ -26,6 +26,7 @@ import pytest
 from raft_http.raft import node as raft_node
 from raft_http.raft.engine.quorum import committed_index
 from raft_http.types import LeaderId, LogId, VoteRequest
+from seeds import seeds_from_env
 from sim.cluster import KNOWN_LIVENESS_BUG, SimOptions, Simulation, run_seed
 from sim.scenarios import FIGURE_8_CONFIG, figure_8, removed_before_the_change_commits
 from sim.summary import timed_run
@@ -35,16 +36,9 @@ CI_SEEDS = 500
 
 
 def _seeds() -> list[int]:
-    chosen = os.environ.get("RAFT_SIM_SEEDS")
-    if chosen:
-        seeds: list[int] = []
-        for part in chosen.split(","):
-            lo, _, hi = part.partition("-")
-            seeds.extend(range(int(lo), int(hi or lo) + 1))
-        return seeds
     first = int(os.environ.get("RAFT_SIM_FIRST", "0"))
     count = int(os.environ.get("RAFT_SIM_SOAK", CI_SEEDS))
-    return list(range(first, first + count))
+    return seeds_from_env("RAFT_SIM_SEEDS", list(range(first, first + count)))
 
 
 @pytest.mark.parametrize("seed", _seeds())
