@@ -432,7 +432,11 @@ class Simulation:
         while True:
             leader = self._leader()
             if leader is not None and self._converged(leader):
-                break
+                reads = await self._final_reads(leader)
+                if reads is not None:
+                    self.history.extend(reads)
+                    self.report.reads += len(reads)
+                    break
             if loop.time() > deadline:
                 stuck = sorted(
                     n
@@ -449,13 +453,6 @@ class Simulation:
                 raise Violation(f"no convergence {self.options.settle}s after healing")
             await asyncio.sleep(0.1)
         assert leader is not None
-        await leader.ensure_linearizable()
-        for key in self.options.keys:
-            invoke = self._tick()
-            await leader.ensure_linearizable()
-            value = self.machines[leader.id].data.get(key)
-            self.history.append(Op(-1, "read", key, value, invoke, self._tick()))
-            self.report.reads += 1
         for index, acked in self.acked.items():
             if self.committed.get(index) != acked:
                 raise Violation(f"acknowledged write {acked} lost: {self.committed.get(index)}")
@@ -463,6 +460,19 @@ class Simulation:
         states = {n: self.machines[n].data for n in members}
         if any(s != states[leader.id] for s in states.values()):
             raise Violation(f"members applied the same log but hold different states: {states}")
+
+    async def _final_reads(self, leader: Raft) -> list[Op] | None:
+        """A linearizable read of every key through ``leader``; None if it stopped leading."""
+        reads = []
+        try:
+            for key in self.options.keys:
+                invoke = self._tick()
+                await leader.ensure_linearizable()
+                value = self.machines[leader.id].data.get(key)
+                reads.append(Op(-1, "read", key, value, invoke, self._tick()))
+        except RaftHttpError:
+            return None
+        return reads
 
     def _converged(self, leader: Raft) -> bool:
         committed = leader.committed

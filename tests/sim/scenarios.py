@@ -77,7 +77,8 @@ async def figure_8(sim: Simulation) -> None:
     await until(lambda: _leader_in(sim, others) is not None, "B to be elected")
     b = _leader_in(sim, others)
     assert b is not None
-    await until(lambda: b.log.last_index >= i, "B's own entry at i")
+    # On B's disk, not only in its memory: B is about to crash.
+    await until(lambda: log_index(sim.disks[b.id].log._state.last_log_id) >= i, "B's entry at i")
     sim.on_step.remove(isolate_a_new_leader)
     b_last = b.log.last_log_id
     sim.crash(b.id)
