@@ -27,7 +27,7 @@ from raft_http.raft import node as raft_node
 from raft_http.raft.engine.quorum import committed_index
 from raft_http.types import LeaderId, LogId, VoteRequest
 from seeds import seeds_from_env
-from sim.cluster import KNOWN_LIVENESS_BUG, SimOptions, Simulation, run_seed
+from sim.cluster import SimOptions, Simulation, run_seed
 from sim.scenarios import FIGURE_8_CONFIG, figure_8, removed_before_the_change_commits
 from sim.summary import timed_run
 
@@ -44,8 +44,6 @@ def _seeds() -> list[int]:
 @pytest.mark.parametrize("seed", _seeds())
 def test_seeds(seed: int) -> None:
     report = timed_run(seed)
-    if report.violation and report.violation.startswith(KNOWN_LIVENESS_BUG):
-        pytest.xfail(f"seed {seed}: {report.violation}")
     assert report.violation is None, (
         f"seed {seed}: {report.violation}\nreplay: {report.replay}\n"
         f"faults: {dict(report.faults)}; messages: {dict(report.messages)}"
@@ -211,12 +209,9 @@ def test_figure_8_catches_a_leader_that_commits_an_old_term_by_counting(
     assert "leader completeness" in report.violation, report.violation
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="liveness: voters removed by an uncommitted change never campaign, and the others"
-    " cannot win without them (Raft thesis 4.2.2); found by seed 309",
-)
 def test_voters_removed_by_an_uncommitted_change_still_let_the_cluster_elect() -> None:
+    """Found by seed 309: voters an uncommitted change removes must still campaign (thesis
+    4.2.2), or a joint config's other half may have no quorum without them. Fixed in d62c984."""
     options = SimOptions(faults=False, clients=0, settle=10.0)
     report = Simulation(0, options).run(removed_before_the_change_commits)
     assert report.violation is None, report.violation

@@ -38,11 +38,6 @@ from .storage import SimDisk, SimLogStore, SimSnapshotStore
 REPLAY = "RAFT_SIM_SEEDS={seed} python -m pytest tests/test_simulation.py -k test_seeds -q"
 
 
-KNOWN_LIVENESS_BUG = "known liveness bug (removed before the change commits)"
-"""A seed that ends so is an xfail, not a failure; the strict reproduction is
-test_voters_removed_by_an_uncommitted_change_still_let_the_cluster_elect."""
-
-
 class Violation(AssertionError):
     """An invariant of Raft or linearizability does not hold."""
 
@@ -446,7 +441,7 @@ class Simulation:
                 )
                 if stuck:
                     raise Violation(
-                        f"{KNOWN_LIVENESS_BUG}: nodes {stuck} hold an uncommitted config that"
+                        f"liveness: nodes {stuck} hold an uncommitted config that"
                         f" removes them and do not campaign; no leader {self.options.settle}s"
                         " after healing"
                     )
