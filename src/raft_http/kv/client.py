@@ -225,17 +225,11 @@ class KVClient:
                 break
             try:
                 status, headers, payload = await self.request_once(method, url + route, body)
-            except aiohttp.ClientConnectorError as e:
-                last = _unreachable(url, e)
-                unreachable += url in self.urls  # a dead leader we were sent to: no
-                if self._given_up(unreachable):
-                    raise last from None
-                if url == self.leader_url:
-                    self.leader_url = None
-                url = await self._next(candidates, leader, deadline)
-                continue
             except (aiohttp.ClientError, TimeoutError) as e:
-                if not idempotent:
+                # Refused before sending is always safe to retry; anything later only if
+                # the request is idempotent.
+                sent = not isinstance(e, aiohttp.ClientConnectorError)
+                if sent and not idempotent:
                     raise KVOutcomeUnknown(
                         f"{method} {url}{route}: {_reason(e)}; the write may still be applied",
                         "outcome_unknown",
