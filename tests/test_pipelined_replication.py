@@ -3,13 +3,14 @@
 The in-memory network's default stream is serial (one request at a time); here a delay
 line gives it an ordered, pipelined stream, as the HTTP WebSocket is, so the leader keeps
 several requests in flight. Whatever the window does, no entry is lost or duplicated.
+The in-memory tests run on virtual time: a busy machine cannot stretch their timers.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,6 +35,7 @@ from raft_http.types import (
     VoteRequest,
     VoteResponse,
 )
+from sim.virtual_time import on_virtual_time
 from wire_helpers import log_id
 
 LATENCY = 0.01
@@ -104,18 +106,15 @@ class DelayLine(AppendStream):
 
 
 @pytest.fixture
-async def pipelined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+def delay_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-memory network's stream becomes a ``DelayLine`` for this test."""
+
     def stream_append(self: MemoryNetwork, option: RPCOption) -> AppendStream:
         return DelayLine(self, option)
 
     monkeypatch.setattr(MemoryNetwork, "stream_append", stream_append)
     DelayLine.in_flight.clear()
     DelayLine.most.clear()
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def trickle(leader: Raft, ns: range) -> list[ClientWriteResponse]:
@@ -139,17 +138,18 @@ def assert_same_logs(cluster: Cluster, writes: int) -> None:
     assert len(first) == writes
 
 
+@on_virtual_time
 async def test_leader_keeps_several_appends_in_flight_and_loses_nothing(
-    pipelined: Cluster,
+    cluster: Cluster, delay_line: None
 ) -> None:
-    leader = await pipelined.initialized([1, 2, 3])
+    leader = await cluster.initialized([1, 2, 3])
     n = 400
     results = await trickle(leader, range(n))
     indexes = [r.log_id.index for r in results]
     assert len(set(indexes)) == n
-    await pipelined.wait_applied(max(indexes))
-    assert_same_logs(pipelined, n)
-    followers = [i for i in pipelined.nodes if i != leader.id]
+    await cluster.wait_applied(max(indexes))
+    assert_same_logs(cluster, n)
+    followers = [i for i in cluster.nodes if i != leader.id]
     most = {t: DelayLine.most[(leader.id, t)] for t in followers}
     assert all(m > 1 for m in most.values()), f"one request at a time only: {most}"
     assert all(m <= FAST.max_inflight_appends for m in most.values()), most
@@ -158,19 +158,22 @@ async def test_leader_keeps_several_appends_in_flight_and_loses_nothing(
         assert 1 < replicator.most_in_flight <= FAST.max_inflight_appends
 
 
-async def test_window_survives_a_partitioned_and_returning_follower(pipelined: Cluster) -> None:
-    leader = await pipelined.initialized([1, 2, 3])
-    lagging = next(i for i in pipelined.nodes if i != leader.id)
+@on_virtual_time
+async def test_window_survives_a_partitioned_and_returning_follower(
+    cluster: Cluster, delay_line: None
+) -> None:
+    leader = await cluster.initialized([1, 2, 3])
+    lagging = next(i for i in cluster.nodes if i != leader.id)
     acked = [await leader.client_write(cmd(i)) for i in range(20)]
-    pipelined.router.isolate(lagging)
+    cluster.router.isolate(lagging)
     acked += await asyncio.gather(*(leader.client_write(cmd(20 + i)) for i in range(200)))
-    other = next(i for i in pipelined.nodes if i not in (leader.id, lagging))
-    pipelined.router.fail_next(leader.id, other, lambda: NetworkError("dropped", target=other), 2)
+    other = next(i for i in cluster.nodes if i not in (leader.id, lagging))
+    cluster.router.fail_next(leader.id, other, lambda: NetworkError("dropped", target=other), 2)
     acked += await asyncio.gather(*(leader.client_write(cmd(220 + i)) for i in range(100)))
-    pipelined.router.isolate(lagging, False)
+    cluster.router.isolate(lagging, False)
     acked += await asyncio.gather(*(leader.client_write(cmd(320 + i)) for i in range(80)))
-    await pipelined.wait_applied(max(r.log_id.index for r in acked), timeout=10)
-    assert_same_logs(pipelined, 400)
+    await cluster.wait_applied(max(r.log_id.index for r in acked), timeout=10)
+    assert_same_logs(cluster, 400)
 
 
 # --- over HTTP: the WebSocket stream ------------------------------------------------------
