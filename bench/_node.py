@@ -52,7 +52,7 @@ class BenchNode(cli.KVNode):
         return web.json_response(await self.load(int(spec["writers"]), float(spec["seconds"])))
 
     async def load(self, writers: int, seconds: float) -> dict[str, Any]:
-        raft = self.raft
+        raft = getattr(self, "raft", None) or self._raft  # _raft: before 2026-12 (a baseline)
         tag = time.time_ns() % 10**9
         latencies: list[float] = []
         errors: dict[str, int] = {}

@@ -1,16 +1,24 @@
 """POST /write to a 3-node cluster of ``raft-http node`` processes, beside bare aiohttp.
 
-    python bench/bench_http_write.py [--quick | --smoke] [--runs N]
+    python bench/bench_http_write.py [--quick | --smoke] [--runs N] [--clients 1,128]
+                                     [--baseline-ref REV]
 
 Three ``raft-http node`` processes (SQLite log, fsync on every append batch) and one
 load generator process with 1, 16, 64 and 256 clients over one keep-alive pool,
 sending ``{"Set": ...}`` commands to the leader and following 307s. Beside it, in
 the same run and interleaved, the same load generator and clients against a bare
 aiohttp server process that reads each body and answers a fixed JSON document.
+
+``--baseline-ref REV`` adds a third side: the same three-node cluster run from a
+temporary worktree of commit REV (see ``_baseline.py``), interleaved with the others,
+and a table of ratios against it (the issue-8 baseline is ee6e96d, main before the
+core's rework began).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _baseline import BaselineCluster, baseline_src, describe
 from _harness import (
     BENCH,
     Children,
@@ -33,12 +42,21 @@ from _harness import (
     wait_port,
 )
 
-CLIENTS = (1, 16, 64, 256)
+CLIENTS = (1, 16, 64, 128, 256)
 
 
-def start_cluster(root: Path, extra: list[str] | None = None) -> tuple[ProcessCluster, int]:
-    """Three node processes, initialized; returns the cluster and its leader's id."""
-    cluster = ProcessCluster(root, [1, 2, 3], extra or [])
+def start_cluster(
+    root: Path, extra: list[str] | None = None, src: Path | None = None
+) -> tuple[ProcessCluster, int]:
+    """Three node processes, initialized; returns the cluster and its leader's id.
+
+    With ``src``, the nodes import ``raft_http`` from there (a baseline's worktree).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    if src is None:
+        cluster = ProcessCluster(root, [1, 2, 3], extra or [])
+    else:
+        cluster = BaselineCluster(root, [1, 2, 3], extra or [], src)
     cluster.extra_args[cluster.extra_args.index("info")] = "warning"
     cluster.start_all()
     cluster.call(1, "/init", [[n, cluster.addr(n)] for n in (1, 2, 3)], timeout=30)
@@ -54,11 +72,30 @@ def refused(runs: list[dict[str, Any]]) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(total.items())) or "-"
 
 
+def options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--clients",
+        type=lambda v: tuple(int(c) for c in v.split(",")),
+        default=CLIENTS,
+        help="comma-separated client counts (default: 1,16,64,128,256)",
+    )
+    parser.add_argument(
+        "--baseline-ref",
+        metavar="REV",
+        help="also run the cluster from a worktree of REV, interleaved, and give ratios",
+    )
+
+
 def main() -> None:
-    args, size = parse_args(__doc__)
+    args, size = parse_args(__doc__, extra=options)
     report = Report("bench_http_write", size, "POST /write: 3 raft-http node processes vs bare")
     (bare_port,) = free_ports(1)
-    with Children(args.out / "logs") as kids, tempfile.TemporaryDirectory() as tmp:
+    baseline = args.baseline_ref
+    with (
+        Children(args.out / "logs") as kids,
+        tempfile.TemporaryDirectory() as tmp,
+        baseline_src(baseline) if baseline else contextlib.nullcontext() as base_src,
+    ):
         bare = kids.spawn(
             "bare-write",
             [
@@ -70,21 +107,29 @@ def main() -> None:
             ],
         )
         wait_port(bare_port, bare)
-        cluster, leader = start_cluster(Path(tmp))
+        clusters: dict[str, tuple[ProcessCluster, int]] = {
+            "raft-http": start_cluster(Path(tmp) / "current")
+        }
+        if base_src is not None:
+            clusters["baseline"] = start_cluster(Path(tmp) / "baseline", src=base_src)
         try:
-            node_pids = {n: cluster.procs[n].pid for n in (1, 2, 3)}
-            targets = {
-                "raft-http": (cluster.url(leader, "/write"), [node_pids[leader]]),
-                "bare": (f"http://127.0.0.1:{bare_port}/write", [bare.pid]),
+            node_pids = {
+                path: [c.procs[n].pid for n in (1, 2, 3)] for path, (c, _) in clusters.items()
             }
+            targets = {
+                path: (c.url(leader, "/write"), [c.procs[leader].pid])
+                for path, (c, leader) in clusters.items()
+            }
+            targets["bare"] = (f"http://127.0.0.1:{bare_port}/write", [bare.pid])
             gens = {path: LoadGen(kids, f"loadgen-write-{path}") for path in targets}
             cells: list[dict[str, Any]] = []
-            for clients in CLIENTS:
-                runs: dict[str, list[dict[str, Any]]] = {"raft-http": [], "bare": []}
+            for clients in args.clients:
+                runs: dict[str, list[dict[str, Any]]] = {path: [] for path in targets}
                 for r in range(size.runs):
-                    for path in ["bare", "raft-http"] if r % 2 else ["raft-http", "bare"]:
+                    order = list(targets)
+                    for path in order[r % len(order) :] + order[: r % len(order)]:
                         url, pids = targets[path]
-                        all_pids = list(node_pids.values()) if path == "raft-http" else pids
+                        all_pids = node_pids.get(path, pids)
                         cpu0 = {p: cpu_seconds(p) for p in all_pids}
                         result = gens[path].run(
                             [
@@ -103,11 +148,15 @@ def main() -> None:
                         result["all_cpu"] = sum(used.values())
                         runs[path].append(result)
                 cells.append({"clients": clients, "runs": runs})
-            leader_after = cluster.leader()
+            changed = [path for path, (c, leader) in clusters.items() if c.leader() != leader]
         finally:
-            cluster.close()
+            for c, _ in clusters.values():
+                c.close()
     report.data["cells"] = cells
-    report.data["leader_changed"] = leader_after != leader
+    report.data["leader_changed"] = "raft-http" in changed
+    if baseline:
+        report.data["baseline_ref"] = describe(baseline)
+        report.data["baseline_leader_changed"] = "baseline" in changed
 
     rows = []
     for cell in cells:
@@ -152,7 +201,54 @@ def main() -> None:
         "the share of one core used during the run. The leader stayed the same throughout: "
         f"{'no' if report.data['leader_changed'] else 'yes'}.",
     )
+    if baseline:
+        baseline_table(report, cells, size.runs, size.seconds)
     report.save(args.out)
+
+
+def baseline_table(report: Report, cells: list[dict[str, Any]], runs: int, seconds: float) -> None:
+    """raft-http against the baseline ref's cluster, run by run (the runs interleave)."""
+    rows = []
+    for cell in cells:
+        ours, base = cell["runs"]["raft-http"], cell["runs"]["baseline"]
+        pairs = list(zip(ours, base, strict=True))
+        rows.append(
+            [
+                cell["clients"],
+                fmt_spread([r["rate"] for r in ours]),
+                fmt_spread([r["rate"] for r in base]),
+                fmt_spread([a["rate"] / b["rate"] for a, b in pairs]),
+                fmt_spread([pq(r, 50) for r in ours]),
+                fmt_spread([pq(r, 50) for r in base]),
+                fmt_spread([pq(a, 50) / pq(b, 50) for a, b in pairs]),
+                fmt_spread([pq(a, 99) / pq(b, 99) for a, b in pairs]),
+                refused(base),
+                f"{spread([r['server_cpu'] for r in base])[0]:.0%} / "
+                f"{spread([r['all_cpu'] for r in base])[0]:.0%}",
+            ]
+        )
+    ref = report.data["baseline_ref"]
+    report.table(
+        f"POST /write, raft-http vs the baseline {ref.split()[0]}, same clients",
+        [
+            "clients",
+            "raft-http writes/s",
+            "baseline writes/s",
+            "x baseline",
+            "raft-http p50 ms",
+            "baseline p50 ms",
+            "p50 x baseline",
+            "p99 x baseline",
+            "baseline refused",
+            "baseline CPU leader / 3 nodes",
+        ],
+        rows,
+        f"Baseline: {ref}, its node processes run from a git worktree of it. Median (min-max)"
+        f" of {runs} runs of {seconds:g} s each, raft-http, baseline and bare taking turns"
+        " within each run; a ratio divides the two runs of the same turn. The baseline's"
+        " leader stayed the same throughout: "
+        f"{'no' if report.data['baseline_leader_changed'] else 'yes'}.",
+    )
 
 
 if __name__ == "__main__":

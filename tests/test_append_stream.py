@@ -307,7 +307,9 @@ async def test_http_stream_oversized_message_is_payload_too_large(
         factory.new_client(2, addr(server)).stream_append(OPT) as stream,
     ):
         got = await answers([stream.send(numbered(1)), stream.send(big), stream.send(numbered(2))])
-        assert got[0] == PartialSuccess(log_id(1, 1))
+        # The server reads ahead of its answers: the first one may be lost with the stream
+        # (after it was handled), but the oversized message is the one blamed.
+        assert got[0] == PartialSuccess(log_id(1, 1)) or isinstance(got[0], NetworkError)
         assert isinstance(got[1], PayloadTooLarge)
         assert got[1].entries_hint == 29
         assert isinstance(got[2], NetworkError)

@@ -70,3 +70,35 @@ def test_run_all_smoke_writes_every_table(tmp_path: Path) -> None:
         for png in PLOTS:
             assert f"({png})" in text, f"RESULTS.md links no {png}"
             assert (tmp_path / png).stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+def test_http_write_runs_a_baseline_ref_beside_the_current_tree(tmp_path: Path) -> None:
+    """``--baseline-ref``: a second cluster from a worktree of the ref, and its ratio table."""
+    repo = BENCH.parent
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_http_write.py"),
+            "--smoke",
+            "--clients",
+            "1",
+            "--baseline-ref",
+            "HEAD",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, f"bench_http_write failed:\n{proc.stdout}\n{proc.stderr}"
+    text = (tmp_path / "bench_http_write.md").read_text()
+    rows = tables_under(text, "### POST /write, raft-http vs the baseline")
+    assert len(rows) == 3, text  # header, separator, the one cell
+    assert rows[2].split("|")[1].strip() == "1"
+    worktrees = subprocess.run(
+        ["git", "-C", str(repo), "worktree", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "raft-http-baseline-" not in worktrees  # removed again

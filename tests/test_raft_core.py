@@ -571,6 +571,9 @@ async def test_entry_overwritten_on_its_proposer_can_still_commit_and_succeed(
         term = node.metrics().current_term
         proposal = asyncio.create_task(node.client_write(cmd(7)))
         await node.wait_for(lambda m: m.last_log_index == 2, 5, "E appended")
+        async with asyncio.timeout(5):  # the leader's own write follows its in-memory log
+            while len(await c.stores[1].read_entries(0, 3)) < 3:
+                await asyncio.sleep(0.005)
         initial, blank, mine = (await c.stores[1].read_entries(0, 3))[:3]
         assert mine.log_id.index == 2
 

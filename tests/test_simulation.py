@@ -170,8 +170,8 @@ def test_an_acknowledgement_before_commit_is_caught(mutate: Callable[[str, Any],
     """A leader that answers a write once it is in its own log loses it when deposed."""
     append_as_leader = raft_node.Raft._append_as_leader
 
-    async def ack_when_appended(self: raft_node.Raft, batch: Any) -> None:
-        await append_as_leader(self, batch)
+    def ack_when_appended(self: raft_node.Raft, batch: Any) -> None:
+        append_as_leader(self, batch)
         for log_id, future in list(self._waiters.values()):
             if not future.done():
                 future.set_result(raft_node.ClientWriteResponse(log_id))

@@ -703,11 +703,12 @@ class _Pending:
 
 
 class _StreamFailed(Exception):
-    """The channel failed: ``first`` is the oldest pending request's error."""
+    """The channel failed: ``first`` is the error of pending request ``blame`` (the oldest)."""
 
-    def __init__(self, first: Exception) -> None:
+    def __init__(self, first: Exception, blame: int = 0) -> None:
         super().__init__(str(first))
         self.first = first
+        self.blame = blame
 
 
 class _WebSocketAppendStream(AppendStream):
@@ -775,7 +776,7 @@ class _WebSocketAppendStream(AppendStream):
                 return
             await self._serve(ws)
         except _StreamFailed as e:
-            self._fail_pending(e.first)
+            self._fail_pending(e.first, e.blame)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug of ours: fail the requests rather than hang them
@@ -788,12 +789,12 @@ class _WebSocketAppendStream(AppendStream):
                 with contextlib.suppress(Exception):
                     await ws.close()
 
-    def _fail_pending(self, first: Exception) -> None:
+    def _fail_pending(self, first: Exception, blame: int = 0) -> None:
         failed = list(self._pending)
         self._pending.clear()
         self._unsent.clear()
         for i, pending in enumerate(failed):
-            error = first if i == 0 else reset_error(first)
+            error = first if i == blame else reset_error(first)
             self._observe(pending, error)
             if not pending.future.done():
                 pending.future.set_exception(error)
@@ -883,11 +884,17 @@ class _WebSocketAppendStream(AppendStream):
                 self._settle(self._pending.popleft(), msg.data)
                 continue
             if ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG and self._pending:
-                entries = len(self._pending[0].rpc.entries)
+                # The target reads ahead of its answers, so the message it refused need not
+                # be the oldest pending one: blame the largest (the others' answers are lost).
+                sizes = [len(p.rpc.entries) for p in self._pending]
+                blame = sizes.index(max(sizes))
                 raise _StreamFailed(
                     PayloadTooLarge(
-                        "append_entries", entries_hint=max(1, entries // 2), target=network.target
-                    )
+                        "append_entries",
+                        entries_hint=max(1, sizes[blame] // 2),
+                        target=network.target,
+                    ),
+                    blame,
                 )
             raise _StreamFailed(
                 self._error(f"the stream closed ({msg.type.name}, code {ws.close_code})")

@@ -409,7 +409,7 @@ class _Routes:
 
     @staticmethod
     async def append_stream(request: web.Request) -> web.StreamResponse:
-        """``GET /append-stream``: a WebSocket of AppendEntries, answered one by one in order.
+        """``GET /append-stream``: a WebSocket of AppendEntries, each answered, in order.
 
         Auth and cluster were checked at the upgrade (the middleware). A bad message gets
         an error message and the stream goes on; a message over ``max_body_size`` ends
@@ -422,16 +422,25 @@ class _Routes:
         await ws.prepare(request)
         streams = request.app[_APPEND_STREAMS]
         streams.add(ws)
+        # Messages are handed to the handler as they arrive (up to a window) and answered
+        # in arrival order: the handler decides each in turn and may write several in one
+        # fsync, instead of this loop waiting for each answer before reading the next.
+        answers: asyncio.Queue[asyncio.Task[bytes]] = asyncio.Queue(_STREAM_WINDOW)
+        sender = asyncio.create_task(_send_answers(ws, answers))
         try:
             handler = request.app[RAFT_HANDLER]
             async for msg in ws:
                 if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
                     data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
-                    await ws.send_bytes(await _stream_answer(handler, data))
+                    await answers.put(asyncio.create_task(_stream_answer(handler, data)))
                 elif msg.type is WSMsgType.ERROR:
                     log.info("append stream from %s ended: %s", request.remote, ws.exception())
         finally:
             streams.discard(ws)
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            while not answers.empty():  # the handler finishes each one (it is uncancellable)
+                answers.get_nowait().cancel()
         return ws
 
     @staticmethod
@@ -525,6 +534,31 @@ class _Routes:
             answer = await _install(request, lease, rpc.vote, rpc.meta)
             return _json(INSTALL_SNAPSHOT_RESPONSE, InstallSnapshotResponse(answer.vote))
         return _json(INSTALL_SNAPSHOT_RESPONSE, InstallSnapshotResponse(handler.current_vote()))
+
+
+_STREAM_WINDOW: Final = 64
+"""Messages of one append stream being handled at once (the leader sends at most 8)."""
+
+
+async def _send_answers(
+    ws: web.WebSocketResponse, answers: asyncio.Queue[asyncio.Task[bytes]]
+) -> None:
+    """Send each message's answer, in the order the messages came."""
+    while True:
+        task = await answers.get()
+        try:
+            answer = await task
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        try:
+            await ws.send_bytes(answer)
+        except ConnectionError:
+            return  # the stream is gone; the reading side ends too
+        except Exception:
+            log.exception("cannot answer on an append stream; closing it")
+            await ws.close(code=WSCloseCode.INTERNAL_ERROR)
+            return
 
 
 async def _stream_answer(handler: RaftHandler, data: bytes) -> bytes:

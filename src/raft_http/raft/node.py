@@ -5,9 +5,19 @@ It talks to peers only through a ``RaftNetworkFactory`` and to disk only through
 imports aiohttp. It implements ``RaftHandler``, so any transport's server can
 hand it incoming RPCs.
 
-Concurrency: one asyncio loop. ``_lock`` serialises every change of vote or log
-(each awaits storage); ``_sm_lock`` serialises the state machine (apply, snapshot
-capture, snapshot install). Lock order: ``_lock`` before ``_sm_lock``.
+Concurrency: one asyncio loop. ``_lock`` serialises every decision on the vote or the
+log; the storage writes those decisions need run in order on a ``LogWriter``, which
+groups appends into one fsync, and are awaited outside ``_lock`` where an answer
+depends on them. ``_sm_lock`` serialises the state machine (apply, snapshot capture,
+snapshot install). Lock order: ``_lock`` before ``_sm_lock``.
+
+Committed entries are applied from the in-memory log, also when this node's own copy
+is not yet durable: an entry is committed only once a quorum holds it durably (every
+node counts its own log, and answers ``Success``, only for entries flushed), so any
+later leader holds it (Leader Completeness) and every node applies the same entry at
+that index. After a crash the state machine is rebuilt from the snapshot and the
+durable log: the committed id is clamped to the log, a snapshot past the log's end
+replaces it, and the leader sends the lost tail again.
 """
 
 from __future__ import annotations
@@ -87,6 +97,7 @@ from .errors import (
     WriteAborted,
     WriteOutcomeUnknown,
 )
+from .log_writer import LogWriter
 from .metrics import RaftMetrics, ServerState
 from .replication import Replicator
 from .snapshot_store import SnapshotStore
@@ -109,11 +120,8 @@ class ClientWriteResponse(Struct, frozen=True):
 class _LeaderState:
     """What only a leader has: a replication stream per target and the writes to propose."""
 
-    def __init__(self, since: float, flushed: int) -> None:
+    def __init__(self, since: float) -> None:
         self.since = since
-        # The last index on the leader's own disk. The leader sends entries before its own
-        # write completes, and counts itself toward a quorum only up to here (etcd does too).
-        self.flushed = flushed
         self.replicators: dict[int, Replicator] = {}
         self.pending: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]] = []
         self.propose_event = asyncio.Event()
@@ -176,6 +184,8 @@ class Raft:
         self._waiters: dict[int, tuple[LogId, asyncio.Future[ClientWriteResponse]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.get_running_loop()
+        self._writer = LogWriter(log_store, None, self._on_log_flushed, self.fail)
+        """Every write of the log and the vote, in order; appends grouped into one fsync."""
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -196,7 +206,13 @@ class Raft:
         replays the same run from the same seed.
         """
         raft = cls(node_id, config, network, log_store, state_machine, snapshot_store, rng)
-        await raft._load()
+        writer = raft._spawn(raft._writer.run(), "log-writer")
+        try:
+            await raft._load()
+        except BaseException:
+            await raft._writer.stop("the node did not start")
+            writer.cancel()
+            raise
         raft._running = True
         raft._reset_election_deadline()
         raft._spawn(raft._election_loop(), "election")
@@ -212,6 +228,7 @@ class Raft:
         self.log = RaftLog(state.last_purged_log_id, entries)
         if self.log.last_log_id != state.last_log_id:
             raise StorageError(f"log store returned a gap: ends at {self.log.last_log_id}")
+        self._writer.flushed = state.last_log_id
         self._snapshot = await self.snapshot_store.latest()
         snap_last = self._snapshot.last_log_id if self._snapshot else None
         if log_index(self.log.last_purged) > log_index(snap_last):
@@ -257,6 +274,7 @@ class Raft:
         self._running = False
         self._stop_leading("shutdown")
         self._state = ServerState.SHUTDOWN
+        await self._writer.stop()  # the log write in progress completes; what is queued fails
         # A snapshot being written is let finish: its files are then complete when
         # shutdown returns, and the storage's owner may close or remove them.
         building = self._snapshot_task
@@ -575,7 +593,7 @@ class Raft:
         await self._save_vote(vote)
         self._state = ServerState.LEADER
         self._leader_id = self.id
-        leader = self._leader = _LeaderState(self._loop.time(), self.log.last_index)
+        leader = self._leader = _LeaderState(self._loop.time())
         log.info("node %s is leader of term %s", self.id, vote.term)
         self._sync_replicators()
         self._spawn(self._propose_loop(leader), "propose")
@@ -619,11 +637,11 @@ class Raft:
             self._notify()
 
     async def _save_vote(self, vote: Vote) -> None:
-        try:
-            await self.log_store.save_vote(vote)
-        except StorageError as e:
-            self.fail(f"saving the vote failed: {e}")
-            raise Fatal(str(e)) from e
+        """Persist ``vote`` (after every log write queued before it), then adopt it.
+
+        ``Fatal`` if storage failed: the writer has stopped the node.
+        """
+        await self._writer.save_vote(vote)
         self._vote = vote
 
     # --- RaftHandler: incoming RPCs ---------------------------------------------------
@@ -725,6 +743,11 @@ class Raft:
             return answer(True)
 
     async def _handle_append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
+        """Decide under ``_lock``; answer ``Success`` once the log it vouches for is durable.
+
+        The wait is outside the lock, so the next request of a pipelined stream is decided
+        while this one's write is in progress, and the two are written in one fsync.
+        """
         self._check_running()
         async with self._lock:
             self._check_running()
@@ -735,11 +758,7 @@ class Raft:
             prev = rpc.prev_log_id
             if prev_log_conflicts(self.log, prev):
                 return Conflict()
-            try:
-                await self._append_from_leader(rpc.entries)
-            except StorageError as e:
-                self.fail(f"appending entries failed: {e}")
-                raise Fatal(str(e)) from e
+            self._append_from_leader(rpc.entries)
             last_matching = rpc.entries[-1].log_id if rpc.entries else prev
             upto = follower_commit_index(
                 rpc.leader_commit, last_matching, log_index(self.committed)
@@ -748,7 +767,9 @@ class Raft:
                 self.committed = self.log.log_id_at(upto)
                 self._commit_event.set()
             self._notify()
-            return Success()
+            durable = self._writer.sync()
+        await durable  # the whole log up to last_matching, so the leader may count it
+        return Success()
 
     async def _accept_leader(self, vote: Vote) -> bool:
         """With ``_lock`` held: follow the sender of ``vote`` unless ours is greater."""
@@ -767,8 +788,8 @@ class Raft:
         self._update_role()
         return True
 
-    async def _append_from_leader(self, entries: list[Entry]) -> None:
-        """Skip what we hold, truncate at the first conflict, append the rest."""
+    def _append_from_leader(self, entries: list[Entry]) -> None:
+        """Skip what we hold, truncate at the first conflict, append the rest (queued writes)."""
         conflict, new = plan_append(self.log, entries)
         if conflict is not None:
             if conflict <= log_index(self.committed):
@@ -783,14 +804,14 @@ class Raft:
                     f"entry {new[0].log_id} would replace committed entry"
                     f" {self.log.log_id_at(conflict)}"
                 )
-            await self.log_store.truncate(conflict)
             self.log.truncate(conflict)
+            self._writer.truncate(conflict, self.log.last_log_id)
             self._memberships.forget_since(conflict)
             # Waiters for the removed entries stay: another node may still hold such an entry
             # and commit it as a later leader. Their fate is known when the index is applied.
         if not new:
             return
-        await self.log_store.append(new)
+        self._writer.append(new)
         self.log.append(new)
         self._memberships.track(new)
         self._update_role()
@@ -838,7 +859,9 @@ class Raft:
         assert last is not None
         if await self.snapshot_store.latest() != meta:
             raise StorageError(f"snapshot {meta.snapshot_id} not found after saving it")
-        await self._align_log_with_snapshot(last, purge=True)
+        await self._align_log_with_snapshot(
+            last, purge=True, why=f"installing snapshot {meta.snapshot_id}"
+        )
         self._fail_waiters(
             lambda i: i <= last.index,
             lambda: WriteOutcomeUnknown("a snapshot was installed over the entry"),
@@ -851,20 +874,21 @@ class Raft:
         self._update_role()
         log.info("node %s installed snapshot %s up to %s", self.id, meta.snapshot_id, last)
 
-    async def _align_log_with_snapshot(self, last: LogId, *, purge: bool) -> None:
+    async def _align_log_with_snapshot(self, last: LogId, *, purge: bool, why: str = "") -> None:
         """Drop a log tail that does not follow ``last``; with ``purge``, drop what it covers.
 
         After this the log holds ``last`` (as an entry or as the last purged id), so a
         leader's next AppendEntries, whose prev_log_id is ``last``, matches.
         """
         if not self.log.matches(last):
-            await self.log_store.truncate(last.index + 1)
             self.log.truncate(last.index + 1)
+            self._writer.truncate(last.index + 1, self.log.last_log_id)
             self._memberships.forget_since(last.index + 1)
             purge = True
         if purge:
-            await self.log_store.purge(last)
+            self._writer.purge(last, why)
             self.log.purge(last)
+        await self._writer.sync()
 
     # --- leader: proposing, replicating, committing --------------------------------------
 
@@ -902,7 +926,7 @@ class Raft:
                 batch, leader.pending = leader.pending, []
                 leader.appending = True
                 try:
-                    await self._append_as_leader(batch)
+                    self._append_as_leader(batch)
                 except BaseException:  # cancelled by shutdown, or storage failed
                     for _, future in batch:
                         if not future.done():
@@ -913,7 +937,7 @@ class Raft:
                     del batch  # do not pin the last batch's data while waiting for the next
                     self._notify()
 
-    async def _append_as_leader(
+    def _append_as_leader(
         self, batch: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]]
     ) -> None:
         leader_id = self._vote.leader_id
@@ -925,8 +949,10 @@ class Raft:
             return
         entries = [Entry(LogId(leader_id, first + i), p) for i, (p, _) in enumerate(batch)]
         # In memory and on the wire first, then on our own disk: followers write in parallel
-        # with us. The store call is queued before any await, so it precedes every later
-        # store operation (a purge after a snapshot of these entries included).
+        # with us. The write is queued at once, so it precedes every later store operation
+        # (a purge after a snapshot of these entries included); the leader counts itself
+        # toward a quorum once it is flushed (``_self_matched``; etcd does the same).
+        self._writer.append(entries)
         self.log.append(entries)
         if self._leader is not None:
             uncommitted = self._leader.uncommitted
@@ -942,18 +968,22 @@ class Raft:
             for replicator in leader.replicators.values():
                 replicator.wake.set()
         self._notify()
-        try:
-            await self.log_store.append(entries)
-        except StorageError as e:
-            self.fail(f"appending entries failed: {e}")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(Fatal(str(e)))
-            raise Fatal(str(e)) from e
-        if leader is not None:
-            leader.flushed = max(leader.flushed, entries[-1].log_id.index)
-        self._update_commit()
-        self._notify()
+
+    def _on_log_flushed(self) -> None:
+        """The writer made more of the log durable: as leader, this node's own vote grew."""
+        if self._leader is not None:
+            self._update_commit()
+            self._notify()
+
+    def _self_matched(self) -> int:
+        """How far this node's durable log agrees with its in-memory log (-1: not at all).
+
+        The durable log is the in-memory log as it was some writes ago. Where both hold
+        the same log id, they agree on everything before it too (Log Matching); where a
+        truncate is still queued, they may not, and the node does not count itself.
+        """
+        flushed = self._writer.flushed
+        return log_index(flushed) if flushed is not None and self.log.matches(flushed) else -1
 
     def on_replicated(self, replicator: Replicator) -> None:
         """A target acknowledged entries or a heartbeat: maybe commit, wake read-index waiters."""
@@ -967,7 +997,7 @@ class Raft:
 
         def matched(node_id: int) -> int:
             if node_id == self.id:
-                return leader.flushed
+                return self._self_matched()
             replicator = leader.replicators.get(node_id)
             return log_index(replicator.progress.matching) if replicator else -1
 
@@ -1065,6 +1095,7 @@ class Raft:
             await self.snapshot_store.save(meta, writer)
             last = meta.last_log_id
             assert last is not None
+            purged: asyncio.Future[None] | None = None
             async with self._lock:
                 if log_index(last) > log_index(self._snapshot_last()):
                     self._snapshot = meta
@@ -1073,9 +1104,11 @@ class Raft:
                 if upto is not None:
                     purge_id = self.log.log_id_at(upto)
                     assert purge_id is not None
-                    await self.log_store.purge(purge_id)
+                    purged = self._writer.purge(purge_id)  # after every append queued before
                     self.log.purge(purge_id)
                     self._memberships.compact(upto)
+            if purged is not None:
+                await purged
             log.info("node %s built snapshot %s", self.id, meta.snapshot_id)
             self._notify()
         finally:
@@ -1245,7 +1278,7 @@ class Raft:
                 raise NotAllowed(f"node {self.id} is already initialized")
             membership = Membership([sorted(nodes)], dict(nodes))
             entry = Entry(LogId(LeaderId(0, 0), 0), MembershipChange(membership))
-            await self.log_store.append([entry])
+            await self._writer.append([entry])
             self.log.append([entry])
             self._memberships.track([entry])
             self._update_role()

@@ -1,7 +1,8 @@
 """What the Raft core asks of storage: a durable log with the vote, and a state machine.
 
 After Openraft's split into ``RaftLogStorage`` and ``RaftStateMachine``. The core
-calls these from one task at a time and awaits each call; implementations must
+makes every log write (``append``, ``truncate``, ``purge``, ``save_vote``) from one task,
+one at a time, in order (``LogWriter``), and awaits each call; implementations must
 never block the event loop (do file or database work in a worker thread) and
 must have made a write durable before the awaitable returns.
 """

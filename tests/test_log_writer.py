@@ -1,0 +1,383 @@
+"""The ordered log writer (group commit) and the follower/leader paths that use it.
+
+A follower decides each AppendEntries under the core's lock but waits for its fsync
+outside it, so requests that arrive while a write is in progress are written together
+in one store call, and each is answered ``Success`` only once its entries are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from raft_http.errors import Fatal
+from raft_http.raft import MemoryLogStore, Raft, SnapshotStore
+from raft_http.raft.log_writer import LogWriter
+from raft_http.raft.storage import StorageError
+from raft_http.testing import ListStateMachine
+from raft_http.types import AppendEntriesRequest, Entry, LogId, Success, Vote, VoteRequest
+from test_raft_review import initial_entry, leader_vote, lid, lone_follower, normal
+
+
+class GatedStore(MemoryLogStore):
+    """A memory store whose writes wait while ``gate`` is clear, and that counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.calls: list[tuple[str, object]] = []
+        self.waiting = 0
+        self.fail_next: str | None = None
+
+    async def _wait(self, call: str, arg: object) -> None:
+        self.calls.append((call, arg))
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        if self.fail_next is not None and call == self.fail_next:
+            self.fail_next = None
+            raise StorageError("the disk is gone")
+
+    async def append(self, entries: Sequence[Entry]) -> None:
+        await self._wait("append", [e.log_id.index for e in entries])
+        await super().append(entries)
+
+    async def truncate(self, since: int) -> None:
+        await self._wait("truncate", since)
+        await super().truncate(since)
+
+    async def purge(self, upto: LogId) -> None:
+        await self._wait("purge", upto.index)
+        await super().purge(upto)
+
+    async def save_vote(self, vote: Vote) -> None:
+        await self._wait("vote", vote.term)
+        await super().save_vote(vote)
+
+    def appends(self) -> list[object]:
+        return [arg for call, arg in self.calls if call == "append"]
+
+
+async def settle(condition: Callable[[], bool], what: str) -> None:
+    try:
+        async with asyncio.timeout(5):
+            while not condition():
+                await asyncio.sleep(0.001)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+def entries(term: int, first: int, stop: int) -> list[Entry]:
+    return [normal(term, i, i) for i in range(first, stop)]
+
+
+class Writer:
+    """A LogWriter over a GatedStore with its task running, and what it reported."""
+
+    def __init__(self) -> None:
+        self.store = GatedStore()
+        self.errors: list[str] = []
+        self.flushes = 0
+
+        def flushed() -> None:
+            self.flushes += 1
+
+        self.writer = LogWriter(self.store, None, flushed, self.errors.append)
+        self.task = asyncio.create_task(self.writer.run())
+
+    async def close(self) -> None:
+        self.store.gate.set()
+        await self.writer.stop()
+        await asyncio.wait_for(self.task, 5)
+
+
+async def test_appends_queued_during_a_write_go_to_disk_in_one_call() -> None:
+    w = Writer()
+    try:
+        w.store.gate.clear()
+        first = w.writer.append(entries(1, 0, 2))
+        await settle(lambda: w.store.waiting == 1, "the first write")
+        rest = [w.writer.append(entries(1, i, i + 2)) for i in (2, 4, 6)]
+        barrier = w.writer.sync()
+        assert not barrier.done()
+        w.store.gate.set()
+        await asyncio.gather(first, *rest, barrier)
+        assert w.store.appends() == [[0, 1], [2, 3, 4, 5, 6, 7]]
+        assert w.writer.batches == 2
+        assert w.writer.flushed == lid(1, 7)
+        assert [e.log_id.index for e in await w.store.read_entries(0, 10)] == list(range(8))
+        assert w.writer.sync().done()  # nothing queued: durable already
+    finally:
+        await w.close()
+
+
+async def test_a_truncate_is_never_merged_with_or_overtaken_by_appends() -> None:
+    w = Writer()
+    try:
+        w.store.gate.clear()
+        w.writer.append(entries(1, 0, 4))
+        await settle(lambda: w.store.waiting == 1, "the first write")
+        w.writer.append(entries(1, 4, 6))
+        w.writer.truncate(3, lid(1, 2))
+        w.writer.append(entries(2, 3, 5))
+        w.writer.append(entries(2, 5, 6))
+        w.store.gate.set()
+        await w.writer.sync()
+        assert w.store.calls == [
+            ("append", [0, 1, 2, 3]),
+            ("append", [4, 5]),
+            ("truncate", 3),
+            ("append", [3, 4, 5]),
+        ]
+        stored = await w.store.read_entries(0, 10)
+        assert [e.log_id for e in stored] == [lid(1, 0), lid(1, 1), lid(1, 2)] + [
+            lid(2, i) for i in (3, 4, 5)
+        ]
+        assert w.writer.flushed == lid(2, 5)
+    finally:
+        await w.close()
+
+
+async def test_flushed_follows_truncate_and_purge() -> None:
+    w = Writer()
+    try:
+        await w.writer.append(entries(1, 0, 5))
+        await w.writer.truncate(3, lid(1, 2))
+        assert w.writer.flushed == lid(1, 2)
+        await w.writer.purge(lid(1, 1))
+        assert w.writer.flushed == lid(1, 2)
+        await w.writer.purge(lid(3, 9))  # past the end: the purged id is the last one
+        assert w.writer.flushed == lid(3, 9)
+        assert w.flushes == 4
+    finally:
+        await w.close()
+
+
+async def test_a_storage_error_fails_the_batch_and_everything_after_it() -> None:
+    w = Writer()
+    try:
+        w.store.gate.clear()
+        w.store.fail_next = "append"
+        first = w.writer.append(entries(1, 0, 2))
+        await settle(lambda: w.store.waiting == 1, "the first write")
+        second = w.writer.append(entries(1, 2, 3))
+        vote = w.writer.save_vote(leader_vote(2, 1))
+        w.store.gate.set()
+        for future in (first, second, vote):
+            with pytest.raises(Fatal, match="the disk is gone"):
+                await future
+        assert w.errors == ["writing the log failed: the disk is gone"]
+        with pytest.raises(Fatal):
+            await w.writer.append(entries(1, 0, 1))  # no write after a failure
+        with pytest.raises(Fatal):
+            await w.writer.sync()
+        assert await w.store.read_entries(0, 5) == []
+        await asyncio.wait_for(w.task, 5)  # the task ended
+    finally:
+        await w.close()
+
+
+async def test_stop_waits_for_the_write_in_progress_and_fails_the_queue() -> None:
+    w = Writer()
+    w.store.gate.clear()
+    first = w.writer.append(entries(1, 0, 2))
+    await settle(lambda: w.store.waiting == 1, "the first write")
+    queued = w.writer.append(entries(1, 2, 3))
+    stopping = asyncio.create_task(w.writer.stop())
+    await asyncio.sleep(0.02)
+    assert not stopping.done()  # the write in progress is not abandoned
+    w.store.gate.set()
+    await asyncio.wait_for(stopping, 5)
+    await first
+    with pytest.raises(Fatal, match="shut down"):
+        await queued
+    assert [e.log_id.index for e in await w.store.read_entries(0, 5)] == [0, 1]
+    await asyncio.wait_for(w.task, 5)
+
+
+# --- the follower's side ---------------------------------------------------------------
+
+
+def append_rpc(prev: LogId | None, new: list[Entry], commit: LogId | None) -> AppendEntriesRequest:
+    return AppendEntriesRequest(leader_vote(1, 1), prev, new, commit)
+
+
+async def gated_follower(tmp_path: Path) -> tuple[Raft, GatedStore, ListStateMachine]:
+    store = GatedStore()
+    machine = ListStateMachine()
+    raft = await lone_follower(tmp_path, machine, store)
+    first = append_rpc(None, [initial_entry(), *entries(1, 1, 3)], None)
+    assert isinstance(await raft.append_entries(first), Success)
+    store.calls.clear()
+    return raft, store, machine
+
+
+async def test_a_follower_writes_requests_that_arrive_during_a_write_in_one_fsync(
+    tmp_path: Path,
+) -> None:
+    raft, store, _ = await gated_follower(tmp_path)
+    try:
+        store.gate.clear()
+        answers = [
+            asyncio.create_task(raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None)))
+        ]
+        await settle(lambda: store.waiting == 1, "the first write")
+        answers += [
+            asyncio.create_task(
+                raft.append_entries(append_rpc(lid(1, i - 1), entries(1, i, i + 2), None))
+            )
+            for i in (5, 7, 9)
+        ]
+        # Every request was decided (the in-memory log holds them all) while the first
+        # write waits, and none is answered before its entries are on disk.
+        await settle(lambda: raft.log.last_index == 10, "the in-memory log")
+        await asyncio.sleep(0.02)
+        assert not any(a.done() for a in answers)
+        store.gate.set()
+        assert all(isinstance(a, Success) for a in await asyncio.gather(*answers))
+        assert store.appends() == [[3, 4], [5, 6, 7, 8, 9, 10]]
+    finally:
+        await raft.shutdown()
+
+
+async def test_a_heartbeat_is_answered_only_once_the_log_it_vouches_for_is_durable(
+    tmp_path: Path,
+) -> None:
+    raft, store, _ = await gated_follower(tmp_path)
+    try:
+        store.gate.clear()
+        write = asyncio.create_task(
+            raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None))
+        )
+        await settle(lambda: store.waiting == 1, "the write")
+        # Success for this empty request tells the leader that index 4 matches: not yet true.
+        heartbeat = asyncio.create_task(raft.append_entries(append_rpc(lid(1, 4), [], None)))
+        await asyncio.sleep(0.02)
+        assert not heartbeat.done()
+        store.gate.set()
+        assert isinstance(await heartbeat, Success)
+        assert isinstance(await write, Success)
+    finally:
+        await raft.shutdown()
+
+
+async def test_a_conflicting_tail_is_truncated_in_order_with_the_queued_appends(
+    tmp_path: Path,
+) -> None:
+    raft, store, _ = await gated_follower(tmp_path)
+    try:
+        store.gate.clear()
+        old = asyncio.create_task(
+            raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 6), None))
+        )
+        await settle(lambda: store.waiting == 1, "the first write")
+        queued = asyncio.create_task(
+            raft.append_entries(append_rpc(lid(1, 5), entries(1, 6, 7), None))
+        )
+        # A new leader replaces everything after index 3.
+        newer = AppendEntriesRequest(leader_vote(2, 3), lid(1, 3), [normal(2, 4, "x", 3)], None)
+        replaced = asyncio.create_task(raft.append_entries(newer))
+        # The new vote is saved behind the queued appends (under the lock: nothing is
+        # decided for the new leader before its vote is durable).
+        await asyncio.sleep(0.02)
+        assert raft.log.last_index == 6
+        store.gate.set()
+        results = await asyncio.gather(old, queued, replaced)
+        assert all(isinstance(r, Success) for r in results)
+        assert [c for c, _ in store.calls] == ["append", "append", "vote", "truncate", "append"]
+        stored = [e.log_id for e in await store.read_entries(0, 10)]
+        assert stored == [lid(1, i) for i in range(4)] + [lid(2, 4, 3)]
+        assert (await store.read_vote()) == leader_vote(2, 3)
+    finally:
+        await raft.shutdown()
+
+
+async def test_a_vote_is_granted_only_once_it_is_on_disk(tmp_path: Path) -> None:
+    store = GatedStore()
+    raft = await lone_follower(tmp_path, ListStateMachine(), store)  # no leader heard: no lease
+    try:
+        store.gate.clear()
+        candidate = Vote(lid(5, 3).leader_id)
+        rpc = VoteRequest(candidate, lid(1, 2), pre_vote=False)
+        answer = asyncio.create_task(raft.vote(rpc))
+        await settle(lambda: store.waiting == 1, "the vote's write")
+        await asyncio.sleep(0.02)
+        assert not answer.done()
+        assert raft.current_vote() != candidate  # not adopted before it is durable
+        store.gate.set()
+        assert (await answer).vote_granted
+        assert await store.read_vote() == candidate
+    finally:
+        await raft.shutdown()
+
+
+async def test_a_follower_applies_committed_entries_it_has_not_flushed_and_restarts_consistent(
+    tmp_path: Path,
+) -> None:
+    """The documented choice (raft/node.py): committed means durable on a quorum, so a
+    follower may apply entries whose local write is still pending. If it then crashes
+    and the write is lost, it restarts from what its disk holds, applies no entry
+    differently, and is sent the lost tail again."""
+    raft, store, machine = await gated_follower(tmp_path)
+    store.gate.clear()
+    answer = asyncio.create_task(
+        raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 6), lid(1, 5)))
+    )
+    await raft.wait_for(lambda m: m.last_applied == lid(1, 5), 5, "apply")
+    assert not answer.done()  # applied, but not acknowledged: not durable here
+    applied = list(machine.applied)
+    # A crash loses the pending write: a new incarnation over what the disk holds.
+    disk = MemoryLogStore()
+    await disk.save_vote(leader_vote(1, 1))
+    await disk.append(await store.read_entries(0, 10))
+    await disk.save_committed(await store.read_committed())  # may be past the durable log
+    raft.fail("crashed")
+    again_machine = ListStateMachine()
+    again = await Raft.create(
+        2, raft.config, raft.network, disk, again_machine, SnapshotStore(tmp_path / "s2")
+    )
+    try:
+        assert again.log.last_index == 2
+        assert again.metrics().committed == lid(1, 2)
+        assert again_machine.applied == applied[: len(again_machine.applied)]
+        resend = append_rpc(lid(1, 2), entries(1, 3, 6), lid(1, 5))
+        assert isinstance(await again.append_entries(resend), Success)
+        await again.wait_for(lambda m: m.last_applied == lid(1, 5), 5, "apply again")
+        assert again_machine.applied == applied
+    finally:
+        store.gate.set()
+        await again.shutdown()
+        await raft.shutdown()
+
+
+async def test_a_follower_storage_error_fails_the_request_and_the_node(tmp_path: Path) -> None:
+    raft, store, _ = await gated_follower(tmp_path)
+    try:
+        store.fail_next = "append"
+        with pytest.raises(Fatal, match="the disk is gone"):
+            await raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None))
+        assert raft.metrics().fatal is not None
+        with pytest.raises(Fatal):
+            await raft.append_entries(append_rpc(lid(1, 2), [], None))
+    finally:
+        await raft.shutdown()
+
+
+async def test_shutdown_waits_for_the_log_write_in_progress(tmp_path: Path) -> None:
+    raft, store, _ = await gated_follower(tmp_path)
+    store.gate.clear()
+    answer = asyncio.create_task(raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None)))
+    await settle(lambda: store.waiting == 1, "the write")
+    stopping = asyncio.create_task(raft.shutdown())
+    await asyncio.sleep(0.02)
+    assert not stopping.done()
+    store.gate.set()
+    await asyncio.wait_for(stopping, 5)
+    assert [e.log_id.index for e in await store.read_entries(0, 10)] == list(range(5))
+    assert isinstance(await answer, Success)
