@@ -1,4 +1,5 @@
-"""Back-pressure (uncommitted entries and bytes are bounded); kept entries own their data."""
+"""Back-pressure (uncommitted entries and bytes are bounded); kept entries own their data;
+the in-memory log is bounded by bytes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import msgspec
 import pytest
 
 from raft_cluster import FAST, Cluster, cmd
-from raft_http.raft import Config, Overloaded, Raft
+from raft_http.raft import Config, Overloaded, Raft, SqliteLogStore
 from raft_http.testing import ListStateMachine
 from raft_http.types import APPEND_ENTRIES_REQUEST, AppendEntriesRequest, Entry, Normal, Success
 from test_raft_review import initial_entry, leader_vote, lid, lone_follower
@@ -130,3 +131,66 @@ async def test_a_leader_keeps_no_reference_to_the_client_buffer(cluster: Cluster
     view.release()  # raises BufferError if anything still exports the buffer
     buffer.extend(b" ")  # likewise: a resize needs no live exports
     assert cluster.machines[1].applied[-1] == {"pad": "y" * 1000}
+
+
+async def test_a_follower_far_behind_catches_up_from_the_store_with_memory_bounded(
+    tmp_path: Path,
+) -> None:
+    bound = 16 * 1024
+    # 20 entries per AppendEntries: the catch-up takes several reads from the store. Slow
+    # elections: one leader throughout, also on a busy machine.
+    config = dataclasses.replace(
+        FAST,
+        election_timeout_min=1.5,
+        election_timeout_max=3.0,
+        max_in_memory_log_bytes=bound,
+        max_payload_entries=20,
+    )
+    c = Cluster(tmp_path, config)
+    for i in (1, 2, 3):  # entries serialized on disk: an evicted one is really gone
+        c.stores[i] = await SqliteLogStore.open(tmp_path / f"log-{i}.db")
+    try:
+        leader = await c.initialized([1, 2, 3])
+        lagging = max(n for n in c.nodes if n != leader.id)
+        await c.stop(lagging)
+        pad = "x" * 1000
+        first = (await leader.client_write(json.dumps({"n": 0, "pad": pad}).encode())).log_id
+        data = leader.log.entry(first.index).payload.data
+        for n in range(1, 200):  # 200 KB, 12 times the bound
+            await leader.client_write(json.dumps({"n": n, "pad": pad}).encode())
+            # Each write is applied and on the leader's disk when it returns.
+            assert leader.log.held_bytes <= bound
+        assert leader.log.last_purged is None  # nothing purged: no snapshot will do it
+        assert leader.log.first_held > first.index + 150
+        gc.collect()
+        assert sys.getrefcount(data) == 2, "an evicted entry's data is still referenced"
+
+        held = [leader.log.held_bytes]
+
+        async def sample() -> None:
+            while True:
+                held.append(leader.log.held_bytes)
+                await asyncio.sleep(0.001)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            await c.start(lagging)
+            await c.wait_applied(leader.log.last_index, timeout=30)
+        finally:
+            sampler.cancel()
+        assert max(held) <= bound
+        assert leader._leader is not None
+        assert leader._leader.replicators[lagging].stored_reads >= 150 // 20
+        assert c.machines[lagging].applied == c.machines[leader.id].applied
+        assert [m["n"] for m in c.machines[lagging].applied] == list(range(200))
+        await c.wait_all(lambda m: True)
+        for node in c.nodes.values():
+            assert node.log.held_bytes <= bound, node.id
+    finally:
+        await c.close()
+
+
+def test_config_refuses_a_negative_in_memory_log_bound() -> None:
+    assert Config(max_in_memory_log_bytes=0).max_in_memory_log_bytes == 0
+    with pytest.raises(ValueError, match="max_in_memory_log_bytes must be >= 0"):
+        Config(max_in_memory_log_bytes=-1)

@@ -1,11 +1,13 @@
-"""RaftLog, the in-memory unpurged log: positions, purge, truncate, and its refusals."""
+"""RaftLog, the in-memory unpurged log: positions, purge, truncate, eviction, its refusals."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from engine_helpers import entry, lid, log_of
-from raft_http.raft.engine.log import RaftLog
+from raft_http.raft.engine.log import RaftLog, entries_to_evict
+from raft_http.types import Entry, Normal
 
 
 def test_an_empty_log() -> None:
@@ -113,3 +115,60 @@ def test_purge() -> None:
         lid(3, 9),
         10,
     )
+
+
+def sized(term: int, index: int, size: int) -> Entry:
+    """An entry with ``size`` bytes of application data (a JSON string)."""
+    return Entry(lid(term, index), Normal(msgspec.Raw(b'"' + b"x" * (size - 2) + b'"')))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "evictable", "max_bytes", "evicted"),
+    [
+        ([10, 10, 10], 3, 30, 0),  # at the bound: nothing to do
+        ([10, 10, 10], 3, 29, 1),  # the oldest goes first
+        ([10, 10, 10], 3, 15, 2),
+        ([10, 10, 10], 3, 0, 3),  # a bound of 0 keeps none that may go
+        ([10, 10, 10], 1, 0, 1),  # only applied and durable ones may go
+        ([10, 10, 10], 0, 0, 0),
+        ([10, 10, 10], -4, 0, 0),  # applied/durable behind what is held
+        ([0, 0, 25, 5], 4, 10, 3),  # entries without data go on the way to the next
+        ([25, 0, 0, 5], 4, 10, 1),  # ...but do not go once the bound holds
+        ([], 5, 0, 0),
+    ],
+)
+def test_what_to_evict(sizes: list[int], evictable: int, max_bytes: int, evicted: int) -> None:
+    assert entries_to_evict(sizes, sum(sizes), evictable, max_bytes) == evicted
+
+
+def test_evict_drops_applied_durable_entries_and_keeps_their_log_ids() -> None:
+    log = RaftLog(None, [sized(1, i, 100) for i in range(5)])  # from a store: durable
+    log.append([sized(2, i, 100) for i in range(5, 8)])  # not yet durable
+    assert (log.held_bytes, log.durable, log.first_held) == (800, 4, 0)
+    assert log.evict(applied=6, max_bytes=0) == 5  # stops at the durable end, 4
+    assert (log.first_held, log.held_bytes, len(log)) == (5, 300, 8)
+    assert [log.log_id_at(i) for i in (0, 4, 5)] == [lid(1, 0), lid(1, 4), lid(2, 5)]
+    assert log.matches(lid(1, 3))
+    assert not log.matches(lid(2, 3))
+    for gone in (0, 4):
+        with pytest.raises(KeyError):
+            log.entry(gone)
+        with pytest.raises(KeyError):
+            log.slice(gone, 6)
+    assert log.slice(4, 4) == []  # an empty range is no read
+    log.mark_durable(7)
+    assert log.evict(applied=6, max_bytes=0) == 2  # 7 is not applied
+    assert ([e.log_id.index for e in log.slice(7, 8)], log.held_bytes) == ([7], 100)
+
+
+def test_truncate_and_purge_keep_the_held_bytes_and_the_durable_end() -> None:
+    log = RaftLog(None, [sized(1, i, 100) for i in range(6)])
+    log.evict(applied=5, max_bytes=300)  # 0..2 on disk only
+    log.truncate(5)
+    assert (log.last_index, log.first_held, log.held_bytes, log.durable) == (4, 3, 200, 4)
+    log.purge(lid(1, 3))
+    assert (log.first_index, log.first_held, log.held_bytes) == (4, 4, 100)
+    log.truncate(1)  # into the purged/evicted part: nothing is held any more
+    assert (log.last_log_id, log.held_bytes, log.first_held) == (lid(1, 3), 0, 4)
+    log.append([sized(2, 4, 50)])
+    assert (log.held_bytes, log.durable, log.first_held) == (50, 3, 4)

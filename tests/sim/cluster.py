@@ -543,8 +543,8 @@ class Simulation:
     def _check_log(self, node_id: int, raft: Raft) -> None:
         """Log matching: a log id has one predecessor and one payload in every log, ever."""
         log = raft.log
-        prev = log.last_purged
-        for index in range(log.first_index, log.last_index + 1):
+        prev = log.log_id_at(log.first_held - 1)  # entries before it are on disk only
+        for index in range(log.first_held, log.last_index + 1):
             entry: Entry = log.entry(index)
             known = self.entries.setdefault(entry.log_id, (prev, entry.payload))
             if known != (prev, entry.payload):

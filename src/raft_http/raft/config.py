@@ -19,6 +19,12 @@ class Config:
     proposed but not committed (entries, and bytes of application data); a write past
     either bound fails at once with ``Overloaded``. ``transfer_leader_timeout`` bounds
     ``Raft.transfer_leader`` when the caller gives no timeout.
+
+    ``max_in_memory_log_bytes`` bounds the application bytes of the entries a node
+    keeps in memory once they are applied and on disk: past it the oldest are dropped
+    from memory (the log ids stay) and a leader reads them back from the ``LogStore``
+    for a follower that far behind. Entries not yet applied or not yet durable are
+    always kept, so the view may hold more while they are; 0 keeps none of the others.
     """
 
     cluster_name: str = "raft_http"
@@ -39,6 +45,7 @@ class Config:
     max_uncommitted_entries: int = 10_000
     max_uncommitted_bytes: int = 64 * 1024 * 1024
     transfer_leader_timeout: float = 2.0
+    max_in_memory_log_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         problems = []
@@ -66,5 +73,7 @@ class Config:
             problems.append(
                 "max_in_snapshot_log_to_keep and replication_lag_threshold must be >= 0"
             )
+        if self.max_in_memory_log_bytes < 0:
+            problems.append("max_in_memory_log_bytes must be >= 0")
         if problems:
             raise ValueError("invalid raft Config: " + "; ".join(problems))

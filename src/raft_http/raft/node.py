@@ -970,7 +970,12 @@ class Raft:
         self._notify()
 
     def _on_log_flushed(self) -> None:
-        """The writer made more of the log durable: as leader, this node's own vote grew."""
+        """The writer made more of the log durable: as leader, this node's own vote grew.
+
+        What is durable (and applied) may now leave memory (``_evict_applied``).
+        """
+        self.log.mark_durable(self._self_matched())
+        self._evict_applied()
         if self._leader is not None:
             self._update_commit()
             self._notify()
@@ -1058,6 +1063,7 @@ class Raft:
                         future.set_result(ClientWriteResponse(entry.log_id, response))
                     else:  # decided: the index is committed with another leader's entry
                         future.set_exception(WriteAborted("another leader overwrote the entry"))
+                self._evict_applied()
                 self._notify()
             due = snapshot_due(
                 log_index(self._last_applied),
@@ -1066,6 +1072,10 @@ class Raft:
             )
             if due and not self._building_snapshot():
                 self._begin_snapshot()
+
+    def _evict_applied(self) -> None:
+        """Keep at most ``max_in_memory_log_bytes`` of applied, durable entries in memory."""
+        self.log.evict(log_index(self._last_applied), self.config.max_in_memory_log_bytes)
 
     def _building_snapshot(self) -> bool:
         return self._snapshot_task is not None and not self._snapshot_task.done()
@@ -1280,6 +1290,7 @@ class Raft:
             entry = Entry(LogId(LeaderId(0, 0), 0), MembershipChange(membership))
             await self._writer.append([entry])
             self.log.append([entry])
+            self.log.mark_durable(entry.log_id.index)
             self._memberships.track([entry])
             self._update_role()
             self._election_deadline = self._loop.time()  # elect now, not after a timeout

@@ -46,6 +46,7 @@ from ..types import (
     log_index,
 )
 from .engine.progress import Progress
+from .storage import StorageError
 
 if TYPE_CHECKING:
     from .node import Raft
@@ -105,6 +106,8 @@ class Replicator:
         self._window_bytes = 0
         self.most_in_flight = 0
         """The most AppendEntries in flight at once to this target (tests, diagnostics)."""
+        self.stored_reads = 0
+        """Batches read back from the log store, evicted from memory (tests, diagnostics)."""
         self.closed: asyncio.Future[ReplicationClosed] = asyncio.get_running_loop().create_future()
         self.task = asyncio.create_task(self._run(), name=f"raft-{raft.id}-replicate-{target}")
 
@@ -185,7 +188,8 @@ class Replicator:
                 return raft.is_leader_of(self.vote) or None
         elif self._may_send() and (self.wake.is_set() or progress.has_more(raft.log.last_index)):
             self.wake.clear()
-            self._send_append()
+            if not await self._send_append():
+                return False if raft.is_leader_of(self.vote) else None
             return await self._settle()
         if not await self._wait(heartbeat):
             if not raft.is_leader_of(self.vote):
@@ -231,13 +235,20 @@ class Replicator:
             and self._window_bytes < config.max_inflight_bytes
         )
 
-    def _send_append(self) -> None:
+    async def _send_append(self) -> bool:
+        """Send the next batch; False if the log moved past it while it was read from disk."""
         raft = self.raft
         progress = self.progress
         start, stop = progress.batch(raft.log.last_index)
         prev_index = start - 1
+        if start < min(stop, raft.log.first_held):
+            entries = await self._read_stored(start, min(stop, raft.log.first_held))
+            if entries is None:
+                return False
+        else:
+            entries = raft.log.slice(start, stop)
         rpc = AppendEntriesRequest(
-            self.vote, raft.log.log_id_at(prev_index), raft.log.slice(start, stop), raft.committed
+            self.vote, raft.log.log_id_at(prev_index), entries, raft.committed
         )
         if self._stream is None:
             option = RPCOption(hard_ttl=raft.config.append_timeout)
@@ -248,6 +259,28 @@ class Replicator:
         self._window.append(sent)
         self._window_bytes += sent.size
         self.most_in_flight = max(self.most_in_flight, len(self._window))
+        return True
+
+    async def _read_stored(self, start: int, stop: int) -> list[Entry] | None:
+        """Entries ``start <= i < stop`` evicted from memory, read back from the log store.
+
+        None when, during the read, this node stopped leading or the log was purged past
+        ``start - 1`` (the next step sends a snapshot instead).
+        """
+        raft = self.raft
+        entries = await raft.log_store.read_entries(start, stop)
+        if not raft.is_leader_of(self.vote) or start - 1 < log_index(raft.log.last_purged):
+            return None
+        if len(entries) != stop - start or any(
+            e.log_id != raft.log.log_id_at(start + i) for i, e in enumerate(entries)
+        ):
+            # A leader's log never changes under it: the store lost what it said it held.
+            raise StorageError(
+                f"the log store returned {len(entries)} entries for {start}..{stop - 1},"
+                " not the ones the log holds"
+            )
+        self.stored_reads += 1
+        return entries
 
     async def _settle(self) -> bool | None:
         """Learn from the answers in, oldest first (see ``_step`` for the result)."""
