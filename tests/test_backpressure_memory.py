@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from raft_cluster import FAST, Cluster, cmd
-from raft_http.raft import Config, Overloaded, Raft, SqliteLogStore
+from raft_http.raft import Config, Overloaded, Raft, SqliteLogStore, heap
 from raft_http.testing import ListStateMachine
 from raft_http.types import APPEND_ENTRIES_REQUEST, AppendEntriesRequest, Entry, Normal, Success
 from test_raft_review import initial_entry, leader_vote, lid, lone_follower
@@ -194,3 +194,25 @@ def test_config_refuses_a_negative_in_memory_log_bound() -> None:
     assert Config(max_in_memory_log_bytes=0).max_in_memory_log_bytes == 0
     with pytest.raises(ValueError, match="max_in_memory_log_bytes must be >= 0"):
         Config(max_in_memory_log_bytes=-1)
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not heap._MALLOC_TRIM, reason="glibc's malloc_trim only")
+def test_release_free_memory_gives_freed_values_back_to_the_os() -> None:
+    # 4 KiB values, as a KV node holds them: freed, glibc keeps their pages in its heap,
+    # since every tenth value still lives above them.
+    values = [bytes([i % 251]) * 4096 for i in range(20_000)]
+    kept = values[::10]
+    del values
+    gc.collect()
+    before = rss_kib()
+    assert heap.release_free_memory()
+    after = rss_kib()
+    assert before - after > 30 * 1024, (before, after)  # of the 72 MiB freed
+    assert len(kept) == 2000

@@ -97,6 +97,7 @@ from .errors import (
     WriteAborted,
     WriteOutcomeUnknown,
 )
+from .heap import release_free_memory
 from .log_writer import LogWriter
 from .metrics import RaftMetrics, ServerState
 from .replication import Replicator
@@ -1119,6 +1120,8 @@ class Raft:
                     self._memberships.compact(upto)
             if purged is not None:
                 await purged
+                # Memory was just freed in bulk: hand it back to the OS.
+                await asyncio.to_thread(release_free_memory)
             log.info("node %s built snapshot %s", self.id, meta.snapshot_id)
             self._notify()
         finally:
