@@ -48,12 +48,19 @@ class RaftCluster(ProcessCluster):
 
     def load(self, node_id: int, writers: int, seconds: float) -> dict[str, Any]:
         """``writers`` tasks calling ``client_write`` inside node ``node_id``'s process."""
+        spec = {"writers": writers, "seconds": seconds}
+        return self.control_call(node_id, "/load", spec, timeout=seconds + 120)
+
+    def control_call(
+        self, node_id: int, route: str, body: Any = None, timeout: float = 120
+    ) -> dict[str, Any]:
+        """POST ``body`` (JSON) to a route of node ``node_id``'s control port (``_node.py``)."""
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.control[node_id]}/load",
-            data=json.dumps({"writers": writers, "seconds": seconds}).encode(),
+            f"http://127.0.0.1:{self.control[node_id]}{route}",
+            data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(req, timeout=seconds + 120) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             result: dict[str, Any] = json.loads(resp.read())
             return result
 

@@ -5,12 +5,19 @@
 Everything after ``--control-port C`` is the ``raft-http node`` command line, run by
 the CLI's own code. The control port answers ``POST /load {"writers": N, "seconds":
 S}``: N tasks in this process call ``client_write`` back to back (the way an embedding
-application would), and the answer is what they measured.
+application would), and the answer is what they measured. ``POST /memory`` answers the
+RSS and what the in-memory log holds. ``POST /snapshot`` builds a
+snapshot of what this node applied and waits until the log is purged behind it;
+``POST /malloc-trim`` asks glibc to hand freed memory back (``malloc_trim(0)``). Both
+answer the RSS before and after, so a soak can tell what each gives back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,8 +28,10 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import quantiles
+from _kvload import rss_mb
 
 from raft_http.kv import cli
+from raft_http.types import log_index
 
 WRITE_TIMEOUT = 10.0
 """As the KV API's default --write-timeout: a write not done by then counts as refused."""
@@ -37,6 +46,9 @@ class BenchNode(cli.KVNode):
         await super().start()
         app = web.Application()
         app.router.add_post("/load", self._load)
+        app.router.add_post("/snapshot", self._snapshot)
+        app.router.add_post("/memory", self._memory)
+        app.router.add_post("/malloc-trim", self._malloc_trim)
         self._control = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._control.setup()
         await web.TCPSite(self._control, "127.0.0.1", self.control_port).start()
@@ -50,6 +62,65 @@ class BenchNode(cli.KVNode):
     async def _load(self, request: web.Request) -> web.Response:
         spec: dict[str, Any] = await request.json()
         return web.json_response(await self.load(int(spec["writers"]), float(spec["seconds"])))
+
+    async def _snapshot(self, request: web.Request) -> web.Response:
+        raft = self.raft
+        rss_before = rss_mb(os.getpid())
+        started = time.perf_counter()
+        target = log_index(raft.metrics().last_applied)
+        keep = raft.config.max_in_snapshot_log_to_keep
+
+        def purged_behind(m: Any) -> bool:
+            built = log_index(m.snapshot)
+            return built >= target and log_index(m.purged) >= built - keep
+
+        for _ in range(30):  # a snapshot being built when asked may end before ``target``
+            await raft.trigger_snapshot()
+            try:
+                metrics = await raft.wait_for(purged_behind, 2.0, "snapshot and purge")
+                break
+            except TimeoutError:
+                continue
+        else:
+            raise web.HTTPServiceUnavailable(text="no snapshot and purge in 60 s")
+        await asyncio.sleep(0.2)  # the snapshot's background task lets go of its buffers
+        return web.json_response(
+            {
+                "snapshot": log_index(metrics.snapshot),
+                "purged": log_index(metrics.purged),
+                "seconds": time.perf_counter() - started,
+                "rss_before": rss_before,
+                "rss_after": rss_mb(os.getpid()),
+            }
+        )
+
+    async def _memory(self, request: web.Request) -> web.Response:
+        log = self.raft.log
+        return web.json_response(
+            {
+                "rss": rss_mb(os.getpid()),
+                "log_entries": len(log),
+                "log_held": log.last_index + 1 - log.first_held,
+                "log_held_bytes": log.held_bytes,
+            }
+        )
+
+    async def _malloc_trim(self, request: web.Request) -> web.Response:
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        if libc is None or not hasattr(libc, "malloc_trim"):
+            raise web.HTTPNotImplemented(text="no glibc malloc_trim here")
+        rss_before = rss_mb(os.getpid())
+        started = time.perf_counter()
+        released = libc.malloc_trim(0)
+        return web.json_response(
+            {
+                "released": bool(released),
+                "seconds": time.perf_counter() - started,
+                "rss_before": rss_before,
+                "rss_after": rss_mb(os.getpid()),
+            }
+        )
 
     async def load(self, writers: int, seconds: float) -> dict[str, Any]:
         raft = getattr(self, "raft", None) or self._raft  # _raft: before 2026-12 (a baseline)

@@ -16,110 +16,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import re
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import ProcessCluster, Report, fmt, parse_args, quantiles
+from _kvload import Load, RssSampler
 
 IDS = (1, 2, 3)
-JSON = {"Content-Type": "application/json"}
 ELECTION = re.compile(r"starts election for term \d+(?! \(leadership transfer\))")
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return float("nan")
-
-
-class RssSampler:
-    """Samples each node's RSS every ``interval`` seconds in a thread."""
-
-    def __init__(self, pids: dict[int, int], interval: float = 0.5) -> None:
-        self.pids = pids
-        self.interval = interval
-        self.samples: dict[int, list[float]] = {n: [] for n in pids}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            for node, pid in self.pids.items():
-                self.samples[node].append(rss_mb(pid))
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class Load:
-    def __init__(self, addrs: dict[int, str], args: argparse.Namespace, writers: int) -> None:
-        self.addrs = addrs
-        self.args = args
-        self.writers = writers
-        self.latencies: list[float] = []
-        self.answers: collections.Counter[str] = collections.Counter()
-        self.value = "v" * args.value_size
-
-    async def run(self, seconds: float) -> None:
-        stop_at = time.monotonic() + seconds
-        connector = aiohttp.TCPConnector(limit=self.writers)
-        timeout = aiohttp.ClientTimeout(total=15)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            await asyncio.gather(*(self._writer(session, w, stop_at) for w in range(self.writers)))
-
-    async def _writer(self, session: aiohttp.ClientSession, w: int, stop_at: float) -> None:
-        nodes = list(self.addrs)
-        url = f"http://{self.addrs[nodes[w % len(nodes)]]}/write"
-        i = w
-        while time.monotonic() < stop_at:
-            key = i % self.args.keys
-            body = b'{"Set":{"key":"k%d","value":"%s"}}' % (key, self.value.encode())
-            started = time.monotonic()
-            kind = "error"
-            try:
-                async with session.post(
-                    url, data=body, headers=JSON, allow_redirects=False
-                ) as resp:
-                    answer = await resp.read()
-                    if resp.status == 200:
-                        self.latencies.append(time.monotonic() - started)
-                        self.answers["200"] += 1
-                        i += self.writers
-                        continue
-                    if resp.status == 307:
-                        url = resp.headers["Location"]
-                        continue
-                    kind = f"{resp.status} {_kind(answer)}"
-            except (aiohttp.ClientError, TimeoutError) as e:
-                kind = type(e).__name__
-            self.answers[kind] += 1
-            await asyncio.sleep(self.args.backoff)
-
-
-def _kind(answer: bytes) -> str:
-    m = re.search(rb'"kind":\s*"([a-z_]+)"', answer)
-    return m.group(1).decode() if m else "?"
 
 
 def elections(cluster: ProcessCluster) -> int:
@@ -135,7 +45,13 @@ async def measure(
 ) -> dict[str, Any]:
     before = elections(cluster)
     pids = {n: cluster.procs[n].pid for n in IDS}
-    load = Load({n: cluster.addr(n) for n in IDS}, args, writers)
+    load = Load(
+        {n: cluster.addr(n) for n in IDS},
+        writers,
+        value_size=args.value_size,
+        keys=args.keys,
+        backoff=args.backoff,
+    )
     started = time.monotonic()
     with RssSampler(pids) as rss:
         await load.run(seconds)

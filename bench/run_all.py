@@ -36,6 +36,7 @@ BENCHMARKS = [
     "bench_catchup.py",
     "bench_rolling_restart.py",
     "bench_overload.py",
+    "bench_soak.py",
     "bench_transport.py",
 ]
 TIMEOUT = {"smoke": 240, "quick": 300, "full": 1800}
@@ -180,6 +181,14 @@ def plots(out: Path, png_dir: Path) -> list[tuple[str, str]]:
         fig.savefig(png_dir / "failover.png", dpi=100)
         plt.close(fig)
         made.append(("Failover times", "failover.png"))
+
+    # 4. RSS of each node over the soak.
+    soak = load(out, "bench_soak")
+    if soak:
+        from bench_soak import plot_rss
+
+        plot_rss(soak["run"], png_dir / "soak_rss.png", f"RSS of 3 nodes: {soak['what']}")
+        made.append(("RSS of each node over the soak", "soak_rss.png"))
     return made
 
 

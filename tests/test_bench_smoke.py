@@ -27,8 +27,9 @@ EXPECTED = {
     "bench_failover.py": ["### Time from kill -9 of the leader"],
     "bench_catchup.py": ["### Follower restarted behind a purged log"],
     "bench_transport.py": ["### full_snapshot upload"],
+    "bench_soak.py": ["### RSS MB per node", "### Writes and elections"],
 }
-PLOTS = ("throughput.png", "latency_cdf.png", "failover.png")
+PLOTS = ("throughput.png", "latency_cdf.png", "failover.png", "soak_rss.png")
 
 
 def tables_under(text: str, title: str) -> list[str]:
