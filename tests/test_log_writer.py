@@ -8,7 +8,7 @@ in one store call, and each is answered ``Success`` only once its entries are du
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from raft_http.raft.log_writer import LogWriter
 from raft_http.raft.storage import StorageError
 from raft_http.testing import ListStateMachine
 from raft_http.types import AppendEntriesRequest, Entry, LogId, Success, Vote, VoteRequest
+from test_leader_flush import wait_until
 from test_raft_review import initial_entry, leader_vote, lid, lone_follower, normal
 
 
@@ -64,15 +65,6 @@ class GatedStore(MemoryLogStore):
         return [arg for call, arg in self.calls if call == "append"]
 
 
-async def settle(condition: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(5):
-            while not condition():
-                await asyncio.sleep(0.001)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for {what}")
-
-
 def entries(term: int, first: int, stop: int) -> list[Entry]:
     return [normal(term, i, i) for i in range(first, stop)]
 
@@ -102,7 +94,7 @@ async def test_appends_queued_during_a_write_go_to_disk_in_one_call() -> None:
     try:
         w.store.gate.clear()
         first = w.writer.append(entries(1, 0, 2))
-        await settle(lambda: w.store.waiting == 1, "the first write")
+        await wait_until(lambda: w.store.waiting == 1, "the first write")
         rest = [w.writer.append(entries(1, i, i + 2)) for i in (2, 4, 6)]
         barrier = w.writer.sync()
         assert not barrier.done()
@@ -122,7 +114,7 @@ async def test_a_truncate_is_never_merged_with_or_overtaken_by_appends() -> None
     try:
         w.store.gate.clear()
         w.writer.append(entries(1, 0, 4))
-        await settle(lambda: w.store.waiting == 1, "the first write")
+        await wait_until(lambda: w.store.waiting == 1, "the first write")
         w.writer.append(entries(1, 4, 6))
         w.writer.truncate(3, lid(1, 2))
         w.writer.append(entries(2, 3, 5))
@@ -165,7 +157,7 @@ async def test_a_storage_error_fails_the_batch_and_everything_after_it() -> None
         w.store.gate.clear()
         w.store.fail_next = "append"
         first = w.writer.append(entries(1, 0, 2))
-        await settle(lambda: w.store.waiting == 1, "the first write")
+        await wait_until(lambda: w.store.waiting == 1, "the first write")
         second = w.writer.append(entries(1, 2, 3))
         vote = w.writer.save_vote(leader_vote(2, 1))
         w.store.gate.set()
@@ -187,7 +179,7 @@ async def test_stop_waits_for_the_write_in_progress_and_fails_the_queue() -> Non
     w = Writer()
     w.store.gate.clear()
     first = w.writer.append(entries(1, 0, 2))
-    await settle(lambda: w.store.waiting == 1, "the first write")
+    await wait_until(lambda: w.store.waiting == 1, "the first write")
     queued = w.writer.append(entries(1, 2, 3))
     stopping = asyncio.create_task(w.writer.stop())
     await asyncio.sleep(0.02)
@@ -227,7 +219,7 @@ async def test_a_follower_writes_requests_that_arrive_during_a_write_in_one_fsyn
         answers = [
             asyncio.create_task(raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None)))
         ]
-        await settle(lambda: store.waiting == 1, "the first write")
+        await wait_until(lambda: store.waiting == 1, "the first write")
         answers += [
             asyncio.create_task(
                 raft.append_entries(append_rpc(lid(1, i - 1), entries(1, i, i + 2), None))
@@ -236,7 +228,7 @@ async def test_a_follower_writes_requests_that_arrive_during_a_write_in_one_fsyn
         ]
         # Every request was decided (the in-memory log holds them all) while the first
         # write waits, and none is answered before its entries are on disk.
-        await settle(lambda: raft.log.last_index == 10, "the in-memory log")
+        await wait_until(lambda: raft.log.last_index == 10, "the in-memory log")
         await asyncio.sleep(0.02)
         assert not any(a.done() for a in answers)
         store.gate.set()
@@ -255,7 +247,7 @@ async def test_a_heartbeat_is_answered_only_once_the_log_it_vouches_for_is_durab
         write = asyncio.create_task(
             raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None))
         )
-        await settle(lambda: store.waiting == 1, "the write")
+        await wait_until(lambda: store.waiting == 1, "the write")
         # Success for this empty request tells the leader that index 4 matches: not yet true.
         heartbeat = asyncio.create_task(raft.append_entries(append_rpc(lid(1, 4), [], None)))
         await asyncio.sleep(0.02)
@@ -276,7 +268,7 @@ async def test_a_conflicting_tail_is_truncated_in_order_with_the_queued_appends(
         old = asyncio.create_task(
             raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 6), None))
         )
-        await settle(lambda: store.waiting == 1, "the first write")
+        await wait_until(lambda: store.waiting == 1, "the first write")
         queued = asyncio.create_task(
             raft.append_entries(append_rpc(lid(1, 5), entries(1, 6, 7), None))
         )
@@ -306,7 +298,7 @@ async def test_a_vote_is_granted_only_once_it_is_on_disk(tmp_path: Path) -> None
         candidate = Vote(lid(5, 3).leader_id)
         rpc = VoteRequest(candidate, lid(1, 2), pre_vote=False)
         answer = asyncio.create_task(raft.vote(rpc))
-        await settle(lambda: store.waiting == 1, "the vote's write")
+        await wait_until(lambda: store.waiting == 1, "the vote's write")
         await asyncio.sleep(0.02)
         assert not answer.done()
         assert raft.current_vote() != candidate  # not adopted before it is durable
@@ -373,7 +365,7 @@ async def test_shutdown_waits_for_the_log_write_in_progress(tmp_path: Path) -> N
     raft, store, _ = await gated_follower(tmp_path)
     store.gate.clear()
     answer = asyncio.create_task(raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None)))
-    await settle(lambda: store.waiting == 1, "the write")
+    await wait_until(lambda: store.waiting == 1, "the write")
     stopping = asyncio.create_task(raft.shutdown())
     await asyncio.sleep(0.02)
     assert not stopping.done()
