@@ -103,6 +103,7 @@ from .metrics import RaftMetrics, ServerState
 from .replication import Replicator
 from .snapshot_store import SnapshotStore
 from .storage import LogStore, StateMachine, StorageError
+from .storage_calls import StorageCalls
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +153,12 @@ class Raft:
         self.id = node_id
         self.config = config
         self.network = network
-        self.log_store = log_store
-        self.state_machine = state_machine
-        self.snapshot_store = snapshot_store
+        # A task is cancelled only between storage calls, and shutdown waits for the
+        # calls running (see storage_calls.py).
+        self.storage_calls = StorageCalls()
+        self.log_store = self.storage_calls.guard(log_store)
+        self.state_machine = self.storage_calls.guard(state_machine)
+        self.snapshot_store = self.storage_calls.guard(snapshot_store)
         self._rng = rng
         """The source of election jitter and snapshot ids; None: the global ``random``."""
 
@@ -184,8 +188,14 @@ class Raft:
         self._commit_event = asyncio.Event()
         self._waiters: dict[int, tuple[LogId, asyncio.Future[ClientWriteResponse]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._rpc_tasks: set[asyncio.Task[Any]] = set()
+        """Incoming RPCs being handled: they run to their end, and shutdown waits for them."""
+        self._stopped: asyncio.Task[None] | None = None
+        """Set once the node stops (shutdown or fail): the task that drains what it started."""
         self._loop = asyncio.get_running_loop()
-        self._writer = LogWriter(log_store, None, self._on_log_flushed, self.fail)
+        self._writer = LogWriter(self.log_store, None, self._on_log_flushed, self.fail)
+        self._writer_task: asyncio.Task[None] | None = None
+        """Not cancelled on stop: ``_drain`` stops it once the snapshot build is done."""
         """Every write of the log and the vote, in order; appends grouped into one fsync."""
 
     # --- life cycle ------------------------------------------------------------------
@@ -207,7 +217,7 @@ class Raft:
         replays the same run from the same seed.
         """
         raft = cls(node_id, config, network, log_store, state_machine, snapshot_store, rng)
-        writer = raft._spawn(raft._writer.run(), "log-writer")
+        writer = raft._writer_task = raft._spawn(raft._writer.run(), "log-writer")
         try:
             await raft._load()
         except BaseException:
@@ -269,44 +279,91 @@ class Raft:
         )
 
     async def shutdown(self) -> None:
-        """Stop every task; pending writes fail with ``Fatal``. Storage is left to its owner."""
-        if not self._running:
-            return
-        self._running = False
-        self._stop_leading("shutdown")
-        self._state = ServerState.SHUTDOWN
-        await self._writer.stop()  # the log write in progress completes; what is queued fails
-        # A snapshot being written is let finish: its files are then complete when
-        # shutdown returns, and the storage's owner may close or remove them.
-        building = self._snapshot_task
-        tasks = [t for t in self._tasks if t is not building]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if building is not None:
-            await asyncio.gather(building, return_exceptions=True)
-        self._fail_waiters(lambda _: True, lambda: Fatal("node shut down"))
-        self._notify()
+        """Stop the node; return only once everything it started has ended.
+
+        - New calls and incoming RPCs get ``Fatal("node shut down")``, and so does every
+          client write not yet decided: one not yet in the log was not proposed, one in
+          the log may still be committed by the other nodes.
+        - RPC handlers in flight run to their end; those still waiting for the node get
+          ``Fatal``. A snapshot being built is let finish. Every other task (timers,
+          replication, elections, applying) is cancelled, and awaited.
+        - Every storage call already started (log store, snapshot store, state machine)
+          has returned, and no new one starts: the files are complete, and the storage's
+          owner may close them.
+        - After ``fail()`` (which stops the node at once), ``shutdown()`` still waits
+          for all of the above.
+        """
+        self._stop("node shut down", keep_snapshot=True)
+        assert self._stopped is not None
+        await asyncio.shield(self._stopped)
 
     def fail(self, reason: str) -> None:
-        """Stop the node after an error it must not continue past (storage, a bug)."""
+        """Stop the node after an error it must not continue past (storage, a bug).
+
+        Every task is cancelled at once, a snapshot build included; ``shutdown()`` then
+        waits until they and the storage calls they started have ended.
+        """
         if self._fatal is None:
             log.error("node %s stops: %s", self.id, reason)
             self._fatal = reason
-        self._stop_leading(reason)
-        self._running = False
-        self._state = ServerState.SHUTDOWN
+        self._stop(reason, keep_snapshot=False)
         for task in list(self._tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
+            if task is not asyncio.current_task() and task is not self._writer_task:
+                self.storage_calls.cancel(task)
+
+    def _stop(self, reason: str, *, keep_snapshot: bool) -> None:
+        """Stop taking work, refuse every undecided write, cancel tasks, start the drain."""
+        if self._stopped is not None:
+            return
+        self._running = False
+        leader = self._leader
+        if leader is not None:
+            for _, future in leader.pending:  # never proposed
+                if not future.done():
+                    future.set_exception(Fatal(reason))
+            leader.pending.clear()
+        self._stop_leading(reason)
+        self._state = ServerState.SHUTDOWN
         self._fail_waiters(lambda _: True, lambda: Fatal(reason))
+        building = self._snapshot_task if keep_snapshot else None
+        caller = asyncio.current_task()
+        for task in list(self._tasks):
+            if task not in (building, caller, self._writer_task):
+                self.storage_calls.cancel(task)
         self._notify()
+        self._stopped = self._loop.create_task(
+            self._drain(reason, building, caller), name=f"raft-{self.id}-stop"
+        )
+
+    async def _drain(self, reason: str, building: asyncio.Task[None] | None, caller: Any) -> None:
+        """Wait for the snapshot build (its purge goes through the log writer), stop the
+        writer (the write in progress completes; what is queued fails), then wait for
+        every task and RPC, then every storage call."""
+        if building is not None:
+            await asyncio.gather(building, return_exceptions=True)
+        await self._writer.stop(reason)
+        while True:
+            tasks = [t for t in (*self._tasks, *self._rpc_tasks) if t is not caller]
+            if not tasks:
+                break
+            for task in tasks:
+                if task in self._tasks:
+                    self.storage_calls.cancel(task)  # started while stopping (a vote request)
+            await asyncio.wait(tasks)
+        await self.storage_calls.drain("node is shut down")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        if self._stopped is not None:
+            coro.close()
+            raise Fatal(self._fatal or "node is shut down")
         task = self._loop.create_task(coro, name=f"raft-{self.id}-{name}")
+        self._track(task)
+        return task
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        """A task of the node's own: it stops the node if it crashes; shutdown ends it."""
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         """A background task that dies of an error stops the node: no zombie leader."""
@@ -428,6 +485,8 @@ class Raft:
                     metrics = self.metrics()
                     if predicate(metrics):
                         return metrics
+                    if self._stopped is not None:  # its metrics change no more
+                        self._check_running()
                     await changed.wait()
         except TimeoutError:
             raise TimeoutError(
@@ -563,7 +622,10 @@ class Raft:
                 log.debug("vote request to %s failed: %s", target, e)
                 return target, None
 
-        pending = {asyncio.create_task(ask(t)) for t in voters}
+        pending = {self._loop.create_task(ask(t)) for t in voters}
+        for task in pending:  # shutdown ends them too
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -652,14 +714,17 @@ class Raft:
     # in-memory update would leave the two disagreeing.
 
     async def vote(self, rpc: VoteRequest) -> VoteResponse:
+        self._check_running()
         return await self._uncancellable(self._handle_vote(rpc))
 
     async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
+        self._check_running()
         return await self._uncancellable(
             self._hearing_leader(rpc.vote, self._handle_append_entries(rpc))
         )
 
     async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
+        self._check_running()
         return await self._uncancellable(
             self._hearing_leader(vote, self._handle_install_snapshot(vote, snapshot))
         )
@@ -688,6 +753,10 @@ class Raft:
     async def handle_transfer_leader(self, rpc: TransferLeaderRequest) -> None:
         """The leader hands over: once the log holds ``rpc.last_log_id``, campaign at once."""
         self._check_running()
+        await self._uncancellable(self._handle_transfer_leader(rpc))
+
+    async def _handle_transfer_leader(self, rpc: TransferLeaderRequest) -> None:
+        self._check_running()
         if rpc.to_node_id != self.id:
             raise NotAllowed(f"this is node {self.id}, not node {rpc.to_node_id}")
         if rpc.from_leader.leader_id != self._vote.leader_id or not self._vote.committed:
@@ -707,9 +776,19 @@ class Raft:
         self._spawn(self._elect(transfer=True), "transfer-election")
 
     async def _uncancellable(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run an incoming RPC in a task of its own that shutdown waits for."""
+        if self._stopped is not None:
+            coro.close()
+            raise Fatal(self._fatal or "node is shut down")
         task = self._loop.create_task(coro)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._rpc_tasks.add(task)
+        task.add_done_callback(self._rpc_done)
         return await asyncio.shield(task)
+
+    def _rpc_done(self, task: asyncio.Task[Any]) -> None:
+        self._rpc_tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # its caller may be gone: the error is not "never retrieved"
 
     async def _handle_vote(self, rpc: VoteRequest) -> VoteResponse:
         self._check_running()
@@ -828,6 +907,7 @@ class Raft:
                 return SnapshotResponse(self._vote)
             # _sm_lock: no snapshot build of our own may start while this one lands.
             async with self._sm_lock:
+                self._check_running()
                 # The state machine first: data it refuses must change nothing, neither
                 # the snapshot files (a restart would load them) nor the log.
                 await self._install_state_machine(meta, snapshot.data)
@@ -1071,7 +1151,7 @@ class Raft:
                 log_index(self._snapshot_last()),
                 self.config.snapshot_logs_since_last,
             )
-            if due and not self._building_snapshot():
+            if due and not self._building_snapshot() and self._stopped is None:
                 self._begin_snapshot()
 
     def _evict_applied(self) -> None:

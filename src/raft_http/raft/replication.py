@@ -127,7 +127,7 @@ class Replicator:
     def stop(self, reason: str) -> None:
         if not self.closed.done():
             self.closed.set_result(ReplicationClosed(reason))
-        self.task.cancel()
+        self.raft.storage_calls.cancel(self.task)  # not inside a storage call
 
     async def _run(self) -> None:
         """Send until this node stops leading; a crash here stops the node (see Raft._spawn)."""
