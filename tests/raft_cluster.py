@@ -12,7 +12,16 @@ from typing import Any
 from raft_http.raft import Config, MemoryLogStore, Raft, RaftMetrics, ServerState, SnapshotStore
 from raft_http.raft.storage import LogStore
 from raft_http.testing import ListStateMachine, MemoryRouter
-from raft_http.types import Node
+from raft_http.types import (
+    AppendEntriesRequest,
+    AppendEntriesResponse,
+    Conflict,
+    LeaderId,
+    Node,
+    Vote,
+    VoteRequest,
+    VoteResponse,
+)
 
 FAST = Config(heartbeat_interval=0.02, election_timeout_min=0.08, election_timeout_max=0.16)
 
@@ -105,3 +114,19 @@ class Cluster:
     async def close(self) -> None:
         for node_id in list(self.nodes):
             await self.stop(node_id)
+
+
+class GrantingPeer:
+    """A peer that grants every vote and never accepts an entry (so nothing commits)."""
+
+    def current_vote(self) -> Vote:
+        return Vote(LeaderId(0, 0))
+
+    async def vote(self, rpc: VoteRequest) -> VoteResponse:
+        return VoteResponse(rpc.vote, True, None)
+
+    async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
+        return Conflict()
+
+    async def install_full_snapshot(self, vote: Vote, snapshot: Any) -> Any:
+        raise AssertionError("not expected")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from raft_cluster import FAST, Cluster, cmd, snapshotting
+from raft_cluster import FAST, Cluster, GrantingPeer, cmd, snapshotting
 from raft_http.errors import Fatal
 from raft_http.raft import (
     Config,
@@ -25,16 +25,12 @@ from raft_http.raft import (
 )
 from raft_http.types import (
     AppendEntriesRequest,
-    AppendEntriesResponse,
     Blank,
-    Conflict,
     Entry,
     LeaderId,
     LogId,
     Success,
     Vote,
-    VoteRequest,
-    VoteResponse,
 )
 from sim.virtual_time import on_virtual_time
 
@@ -538,22 +534,6 @@ async def test_shutdown_lets_a_snapshot_being_written_finish(tmp_path: Path) -> 
         assert latest.last_log_id == leader.metrics().last_applied
     finally:
         await c.close()
-
-
-class GrantingPeer:
-    """A peer that grants every vote and never accepts an entry (so nothing commits)."""
-
-    def current_vote(self) -> Vote:
-        return Vote(LeaderId(0, 0))
-
-    async def vote(self, rpc: VoteRequest) -> VoteResponse:
-        return VoteResponse(rpc.vote, True, None)
-
-    async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
-        return Conflict()
-
-    async def install_full_snapshot(self, vote: Vote, snapshot: Any) -> Any:
-        raise AssertionError("not expected")
 
 
 async def test_entry_overwritten_on_its_proposer_can_still_commit_and_succeed(

@@ -172,7 +172,7 @@ def test_an_acknowledgement_before_commit_is_caught(mutate: Callable[[str, Any],
 
     def ack_when_appended(self: raft_node.Raft, batch: Any) -> None:
         append_as_leader(self, batch)
-        for log_id, future in list(self._waiters.values()):
+        for log_id, future in self._responders.waiting():
             if not future.done():
                 future.set_result(raft_node.ClientWriteResponse(log_id))
 

@@ -14,7 +14,8 @@ from .errors import (
 )
 from .memory_store import MemoryLogStore
 from .metrics import RaftMetrics, ServerState
-from .node import ClientWriteResponse, Raft
+from .node import Raft
+from .responders import ClientWriteResponse
 from .snapshot_store import SnapshotStore
 from .sqlite_store import SqliteLogStore
 from .storage import LogState, LogStore, StateMachine, StorageError

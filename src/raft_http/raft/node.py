@@ -33,7 +33,6 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, BinaryIO, Final, TypeVar
 
 import msgspec
-from msgspec import Struct
 
 from ..errors import Fatal, InvalidRequest, RaftHttpError, SnapshotRejected
 from ..network import RaftNetworkFactory, RPCOption
@@ -94,13 +93,12 @@ from .errors import (
     Overloaded,
     QuorumNotEnough,
     TransferFailed,
-    WriteAborted,
-    WriteOutcomeUnknown,
 )
 from .heap import release_free_memory
 from .log_writer import LogWriter
 from .metrics import RaftMetrics, ServerState
 from .replication import Replicator
+from .responders import ClientWriteResponse, Responder, Responders
 from .snapshot_store import SnapshotStore
 from .storage import LogStore, StateMachine, StorageError
 from .storage_calls import StorageCalls
@@ -112,20 +110,13 @@ _APPLY_BATCH: Final = 1000
 _T = TypeVar("_T")
 
 
-class ClientWriteResponse(Struct, frozen=True):
-    """A committed and applied write: where it sits in the log and what the state machine said."""
-
-    log_id: LogId
-    data: Any = None
-
-
 class _LeaderState:
     """What only a leader has: a replication stream per target and the writes to propose."""
 
     def __init__(self, since: float) -> None:
         self.since = since
         self.replicators: dict[int, Replicator] = {}
-        self.pending: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]] = []
+        self.pending: list[tuple[EntryPayload, Responder]] = []
         self.propose_event = asyncio.Event()
         self.appending = False
         """The proposer took a batch and has not yet put it in the in-memory log."""
@@ -186,7 +177,8 @@ class Raft:
         self._membership_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._commit_event = asyncio.Event()
-        self._waiters: dict[int, tuple[LogId, asyncio.Future[ClientWriteResponse]]] = {}
+        self._responders = Responders(asyncio.get_running_loop())
+        """Every client write not yet decided; the one place that decides each."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rpc_tasks: set[asyncio.Task[Any]] = set()
         """Incoming RPCs being handled: they run to their end, and shutdown waits for them."""
@@ -316,15 +308,9 @@ class Raft:
         if self._stopped is not None:
             return
         self._running = False
-        leader = self._leader
-        if leader is not None:
-            for _, future in leader.pending:  # never proposed
-                if not future.done():
-                    future.set_exception(Fatal(reason))
-            leader.pending.clear()
+        self._responders.stop(reason)
         self._stop_leading(reason)
         self._state = ServerState.SHUTDOWN
-        self._fail_waiters(lambda _: True, lambda: Fatal(reason))
         building = self._snapshot_task if keep_snapshot else None
         caller = asyncio.current_task()
         for task in list(self._tasks):
@@ -421,14 +407,6 @@ class Raft:
         if self._leader_id is None:
             return None
         return self.membership.membership.nodes.get(self._leader_id)
-
-    def _fail_waiters(
-        self, which: Callable[[int], bool], error: Callable[[], BaseException]
-    ) -> None:
-        for index in [i for i in self._waiters if which(i)]:
-            _, future = self._waiters.pop(index)
-            if not future.done():
-                future.set_exception(error())
 
     # --- metrics ------------------------------------------------------------------------
 
@@ -661,7 +639,7 @@ class Raft:
         self._sync_replicators()
         self._spawn(self._propose_loop(leader), "propose")
         # A blank entry of our own term lets earlier terms' entries commit.
-        blank: asyncio.Future[ClientWriteResponse] = self._loop.create_future()
+        blank = self._responders.new()
         blank.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it
         leader.pending.insert(0, (Blank(), blank))
         leader.propose_event.set()
@@ -676,9 +654,7 @@ class Raft:
         # The proposer is not cancelled: it may be between a durable append and the in-memory
         # one. Woken, it sees it no longer leads and ends.
         leader.propose_event.set()
-        for _, future in leader.pending:
-            if not future.done():
-                future.set_exception(ForwardToLeader(None, None))
+        self._responders.leader_lost()
         leader.pending.clear()
         if self._state is ServerState.LEADER:
             self._state = ServerState.FOLLOWER
@@ -943,10 +919,7 @@ class Raft:
         await self._align_log_with_snapshot(
             last, purge=True, why=f"installing snapshot {meta.snapshot_id}"
         )
-        self._fail_waiters(
-            lambda i: i <= last.index,
-            lambda: WriteOutcomeUnknown("a snapshot was installed over the entry"),
-        )
+        self._responders.snapshot_installed(last)
         self._memberships.rebase(meta.last_membership, last.index)
         self.committed = last
         self._last_applied = last
@@ -1008,25 +981,16 @@ class Raft:
                 leader.appending = True
                 try:
                     self._append_as_leader(batch)
-                except BaseException:  # cancelled by shutdown, or storage failed
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(Fatal("the node stopped before the write"))
-                    raise
                 finally:
                     leader.appending = False
                     del batch  # do not pin the last batch's data while waiting for the next
                     self._notify()
 
-    def _append_as_leader(
-        self, batch: list[tuple[EntryPayload, asyncio.Future[ClientWriteResponse]]]
-    ) -> None:
+    def _append_as_leader(self, batch: list[tuple[EntryPayload, Responder]]) -> None:
         leader_id = self._vote.leader_id
         first = self.log.last_index + 1
         if first + len(batch) - 1 > MAX_INDEX:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(NotAllowed(f"the log is full: no index past {MAX_INDEX}"))
+            self._responders.log_full([future for _, future in batch], MAX_INDEX)
             return
         entries = [Entry(LogId(leader_id, first + i), p) for i, (p, _) in enumerate(batch)]
         # In memory and on the wire first, then on our own disk: followers write in parallel
@@ -1041,7 +1005,7 @@ class Raft:
                 if isinstance(entry.payload, Normal):
                     uncommitted.append((entry.log_id.index, len(entry.payload.data)))
         for entry, (_, future) in zip(entries, batch, strict=True):
-            self._waiters[entry.log_id.index] = (entry.log_id, future)
+            self._responders.in_log(entry.log_id, future)
         if self._memberships.track(entries):
             self._sync_replicators()
         leader = self._leader
@@ -1134,16 +1098,7 @@ class Raft:
                 responses = await self.state_machine.apply(entries)
                 self._last_applied = entries[-1].log_id
                 for entry, response in zip(entries, responses, strict=True):
-                    waiter = self._waiters.pop(entry.log_id.index, None)
-                    if waiter is None:
-                        continue
-                    expected, future = waiter
-                    if future.done():
-                        continue
-                    if expected == entry.log_id:
-                        future.set_result(ClientWriteResponse(entry.log_id, response))
-                    else:  # decided: the index is committed with another leader's entry
-                        future.set_exception(WriteAborted("another leader overwrote the entry"))
+                    self._responders.applied(entry.log_id, response)
                 self._evict_applied()
                 self._notify()
             due = snapshot_due(
@@ -1241,7 +1196,7 @@ class Raft:
         size = len(payload.data) if isinstance(payload, Normal) else 0
         if bounded:
             self._check_room(leader, size)
-        future: asyncio.Future[ClientWriteResponse] = self._loop.create_future()
+        future = self._responders.new()
         leader.pending.append((payload, future))
         leader.held_bytes += size
         leader.propose_event.set()
