@@ -111,6 +111,7 @@ def test_the_nemesis_injects_every_kind_of_fault() -> None:
         "restart",
         "snapshot",
         "membership",
+        "transfer",
     }
     assert messages >= {"dropped", "duplicated", "refused", "full_snapshot", "vote"}
 

@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raft_http.errors import RaftHttpError
-from raft_http.raft import Config, ForwardToLeader, NotAllowed, Raft, ServerState, WriteAborted
+from raft_http.raft import (
+    Config,
+    ForwardToLeader,
+    NotAllowed,
+    Raft,
+    ServerState,
+    TransferFailed,
+    WriteAborted,
+)
 from raft_http.types import Entry, EntryPayload, LogId, Node, log_index
 
 from .linearizability import INF, CheckResult, Op, check_history
@@ -71,6 +79,8 @@ class SimReport:
     reads: int = 0
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     messages: collections.Counter[str] = field(default_factory=collections.Counter)
+    transfers: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Leadership transfers by target ("to" a node, or "any") and outcome."""
     violation: str | None = None
     linearizability: CheckResult | None = None
 
@@ -307,6 +317,7 @@ class Simulation:
         loop = asyncio.get_running_loop()
         ids = self.options.node_ids
         changing: asyncio.Task[Any] | None = None
+        transferring: asyncio.Task[Any] | None = None
         actions = {
             "partition": 3,
             "one_way": 2,
@@ -320,6 +331,7 @@ class Simulation:
             "restart": 4,
             "snapshot": 2,
             "membership": 8,
+            "transfer": 4,
         }
         names, weights = list(actions), list(actions.values())
         while loop.time() < until:
@@ -376,9 +388,14 @@ class Simulation:
                 if changing is not None and not changing.done():
                     continue
                 changing = self._spawn(self._change_membership(self._fork_rng()))
+            elif action == "transfer":
+                if transferring is not None and not transferring.done():
+                    continue
+                transferring = self._spawn(self._transfer_leader(self._fork_rng()))
             self.report.faults[action] += 1
-        if changing is not None:
-            await changing
+        for task in (changing, transferring):
+            if task is not None:
+                await task
 
     async def _restart_later(self, node_id: int, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -388,6 +405,35 @@ class Simulation:
     def _leader(self) -> Raft | None:
         leaders = [r for r in self.nodes.values() if r._leader is not None]
         return max(leaders, key=lambda r: r._vote.term) if leaders else None
+
+    async def _transfer_leader(self, rng: random.Random) -> None:
+        """Hand leadership to a voter drawn at random (perhaps the leader itself), or to
+        whichever the leader picks; record how it ended."""
+        leader = self._leader()
+        if leader is None:
+            return
+        voters = sorted(leader.membership.membership.voter_ids())
+        to = rng.choice(voters) if rng.random() < 0.5 else None
+        aim = "any" if to is None else ("self" if to == leader.id else "to")
+        try:
+            async with asyncio.timeout(5.0):
+                new = await leader.transfer_leader(to)
+        except TransferFailed:
+            outcome = "failed"
+        except ForwardToLeader:
+            outcome = "not leader"
+        except NotAllowed:
+            outcome = "refused"
+        except (RaftHttpError, TimeoutError):
+            outcome = "error"
+        else:
+            if new == leader.id:
+                outcome = "stayed"
+            else:
+                if leader._leader is not None:
+                    raise Violation(f"node {leader.id} handed leadership to {new} yet leads")
+                outcome = "handed over" if to in (None, new) else "another took over"
+        self.report.transfers[f"{aim}: {outcome}"] += 1
 
     async def _change_membership(self, rng: random.Random) -> None:
         """Grow the voters to five, shrink them to three (keeping the others as learners or

@@ -20,6 +20,7 @@ class Totals:
     cpu_seconds: float = 0.0
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     messages: collections.Counter[str] = field(default_factory=collections.Counter)
+    transfers: collections.Counter[str] = field(default_factory=collections.Counter)
     violations: list[str] = field(default_factory=list)
 
     def add(self, report: SimReport, cpu_seconds: float) -> None:
@@ -32,12 +33,14 @@ class Totals:
         self.cpu_seconds += cpu_seconds
         self.faults.update(report.faults)
         self.messages.update(report.messages)
+        self.transfers.update(report.transfers)
         if report.violation:
             self.violations.append(f"seed {report.seed}: {report.violation[:200]}")
 
     def lines(self) -> list[str]:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
         messages = ", ".join(f"{k} {v}" for k, v in sorted(self.messages.items()))
+        transfers = ", ".join(f"{k} {v}" for k, v in sorted(self.transfers.items()))
         return [
             f"seeds run: {self.seeds}; ops checked for linearizability: {self.ops}"
             f" ({self.acked_writes} acknowledged writes, {self.unknown_writes} of unknown"
@@ -45,6 +48,7 @@ class Totals:
             f"virtual time: {self.virtual_seconds:.0f} s in {self.cpu_seconds:.1f} s of CPU",
             f"faults injected: {sum(self.faults.values())} ({faults})",
             f"messages: {messages}",
+            f"leadership transfers: {sum(self.transfers.values())} ({transfers})",
             f"violations: {len(self.violations)}",
             *self.violations,
         ]
