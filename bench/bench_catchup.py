@@ -29,10 +29,9 @@ from _harness import BENCH, Children, Report, parse_args
 CLIENTS = 64
 
 
-def fill(cluster: RaftCluster, leader: int, writes: int, kids: Children) -> float:
-    """Make ``writes`` acknowledged writes through the leader (a load generator process)."""
-    t0 = time.monotonic()
-    argv = [
+def writers(cluster: RaftCluster, leader: int, *limit: str) -> list[str]:
+    """The load generator's command line: CLIENTS writers to the leader, for at most 600 s."""
+    return [
         sys.executable,
         str(BENCH / "_loadgen.py"),
         "write",
@@ -40,11 +39,16 @@ def fill(cluster: RaftCluster, leader: int, writes: int, kids: Children) -> floa
         cluster.url(leader, "/write"),
         "-c",
         str(CLIENTS),
-        "--calls",
-        str(writes),
+        *limit,
         "--seconds",
         "600",
     ]
+
+
+def fill(cluster: RaftCluster, leader: int, writes: int, kids: Children) -> float:
+    """Make ``writes`` acknowledged writes through the leader (a load generator process)."""
+    t0 = time.monotonic()
+    argv = writers(cluster, leader, "--calls", str(writes))
     proc = kids.spawn("catchup-fill", argv)
     proc.wait(timeout=900)
     return time.monotonic() - t0
@@ -67,20 +71,7 @@ def trial(kids: Children, root: Path, size: Any, behind: int) -> dict[str, Any]:
         terms_before = {
             n: (cluster.metrics(n) or {}).get("current_term") for n in IDS if cluster.running(n)
         }
-        load = kids.spawn(
-            "catchup-load",
-            [
-                sys.executable,
-                str(BENCH / "_loadgen.py"),
-                "write",
-                "--url",
-                cluster.url(leader, "/write"),
-                "-c",
-                str(CLIENTS),
-                "--seconds",
-                "600",
-            ],
-        )
+        load = kids.spawn("catchup-load", writers(cluster, leader))
         time.sleep(0.5)
         goal = cluster.applied(leader)
         t0 = time.monotonic()
