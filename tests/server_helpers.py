@@ -51,6 +51,23 @@ async def body_stream(
         pos += n
 
 
+class CountedBody:
+    """A ``total``-byte test-snapshot body that counts what was pulled from it.
+
+    A server that refuses an upload early stops reading long before the end; ``sent``
+    says how far the client got.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.sent = 0
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        async for piece in body_stream(self.total):
+            self.sent += len(piece)
+            yield piece
+
+
 def snapshot_slice(start: int, stop: int) -> bytes:
     first, last = start // DATA_BLOCK, (stop - 1) // DATA_BLOCK
     blocks = b"".join(pattern_block(i) for i in range(first, last + 1))

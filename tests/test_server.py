@@ -40,6 +40,7 @@ from raft_http.types import (
 # tests/ may or may not be a package (tests/__init__.py): import the helpers either way.
 try:
     from .server_helpers import (
+        CountedBody,
         RecordingHandler,
         body_stream,
         sha256_of_stream_sync,
@@ -48,6 +49,7 @@ try:
     from .wire_helpers import log_id, snapshot_headers, snapshot_meta, vote
 except ImportError:
     from server_helpers import (  # type: ignore[no-redef]
+        CountedBody,
         RecordingHandler,
         body_stream,
         sha256_of_stream_sync,
@@ -372,24 +374,16 @@ async def test_stale_snapshot_is_answered_without_reading_the_body(
     client: Client, handler: RecordingHandler, tmp_path: Path
 ) -> None:
     total = 1024 * 1024 * 1024
-    generated = 0
-
-    async def endless() -> AsyncIterator[bytes]:
-        nonlocal generated
-        async for piece in body_stream(total):
-            generated += len(piece)
-            yield piece
-
     # vote(1) < vote(2); an incomparable vote (same term, other candidate) is refused too
     for stale in (vote(1), vote(2, node_id=3, committed=False)):
-        generated = 0
+        body = CountedBody(total)
         headers = snapshot_headers(stale, snapshot_meta(), total)
-        async with client.post("/snapshot", data=endless(), headers=headers) as resp:
+        async with client.post("/snapshot", data=body.stream(), headers=headers) as resp:
             assert resp.status == 200
             assert await resp.json() == {
                 "vote": {"leader_id": {"term": 2, "node_id": 1}, "committed": True}
             }
-        assert generated < 64 * 1024 * 1024
+        assert body.sent < 64 * 1024 * 1024
     assert handler.calls == []
     assert spool_files(tmp_path / "spool") == []
 
@@ -1078,19 +1072,12 @@ async def test_a_snapshot_over_the_size_cap_is_refused_before_its_body(
 ) -> None:
     client = await make(spool_limits=SpoolLimits(max_snapshot_size=1_000_000))
     total = 200 * 1024**3  # declared; the body would never end
-    generated = 0
-
-    async def endless() -> AsyncIterator[bytes]:
-        nonlocal generated
-        async for piece in body_stream(total):
-            generated += len(piece)
-            yield piece
-
+    body = CountedBody(total)
     headers = snapshot_headers(vote(2), snapshot_meta(), total)
-    async with client.post("/snapshot", data=endless(), headers=headers) as resp:
+    async with client.post("/snapshot", data=body.stream(), headers=headers) as resp:
         err = await error_of(resp, 413, "snapshot_too_large")
     assert err["limit"] == 1_000_000
-    assert generated < 64 * 1024 * 1024
+    assert body.sent < 64 * 1024 * 1024
     # The per-chunk form has no declared size: it is refused once what it holds passes.
     resp = await client.post("/snapshot", json=chunk_body("snap-1", 0, b"x" * 900_000, False))
     assert resp.status == 200, await resp.text()
