@@ -286,7 +286,14 @@ def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 def test_cli_help_and_bad_arguments() -> None:
     helped = _cli("node", "--help")
     assert helped.returncode == 0
-    for option in ("--listen", "--data-dir", "--snapshot-logs", "--tls-cert", "--token"):
+    for option in (
+        "--listen",
+        "--data-dir",
+        "--snapshot-logs",
+        "--max-in-memory-log-bytes",
+        "--tls-cert",
+        "--token",
+    ):
         assert option in helped.stdout
     bad = _cli("node", "--id", "1", "--listen", "no-port", "--data-dir", "x")
     assert bad.returncode == 2

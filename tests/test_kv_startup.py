@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from cluster_helpers import HOST, free_ports, http, wait_for
-from raft_http.kv.cli import serve
+from raft_http.kv.cli import build_parser, node_config, serve
 from raft_http.kv.datadir import IDENTITY_FILE, DataDirError
 from raft_http.kv.node import KVNode
+from raft_http.raft import Config
 from test_cluster_processes import _cli
 
 
@@ -153,6 +154,10 @@ def test_cli_port_in_use_names_the_address_and_leaves_nothing(tmp_path: Path) ->
         (["--write-timeout", "inf"], "--write-timeout"),
         (["--snapshot-logs", "0"], "--snapshot-logs"),
         (["--keep-logs", "-5"], "--keep-logs"),
+        (["--max-in-memory-log-bytes", "-1"], "--max-in-memory-log-bytes"),
+        (["--max-in-memory-log-bytes", "1.5MiB"], "--max-in-memory-log-bytes"),
+        (["--max-in-memory-log-bytes", "16XB"], "--max-in-memory-log-bytes"),
+        (["--max-in-memory-log-bytes", "9" * 5000], "--max-in-memory-log-bytes"),
         (["--advertise", "not an addr"], "--advertise"),
         (["--advertise", "ftp://h:1"], "--advertise"),
         (["--listen", "127.0.0.1:0"], "--listen"),
@@ -166,6 +171,27 @@ def test_cli_refuses_bad_options(tmp_path: Path, args: list[str], fragment: str)
     proc = _cli(*argv)
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_in_memory_log_bound_reaches_the_config() -> None:
+    base = ["node", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", "d"]
+    parser = build_parser()
+    default = node_config(parser.parse_args(base)).max_in_memory_log_bytes
+    assert default == Config().max_in_memory_log_bytes == 16 * 1024 * 1024
+    for text, bound in [("4096", 4096), ("256KiB", 256 * 1024), ("64m", 64 * 1024**2), ("0", 0)]:
+        args = parser.parse_args([*base, "--max-in-memory-log-bytes", text])
+        assert node_config(args).max_in_memory_log_bytes == bound, text
+
+
+def test_cli_explains_a_bad_in_memory_log_bound(tmp_path: Path) -> None:
+    proc = _cli(*_node_argv(1, 1, tmp_path / "d", "--max-in-memory-log-bytes", "-1"))
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        "argument --max-in-memory-log-bytes: expected a size like 4096, 256MiB or 16GiB, "
+        "got '-1'" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "d").exists()
 
 

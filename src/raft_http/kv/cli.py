@@ -133,7 +133,7 @@ def _byte_size(value: str) -> int:
     text = value.strip().lower().removesuffix("ib").removesuffix("b")
     digits = text.rstrip("kmgt")
     unit = text[len(digits) :]
-    if not digits.isdigit() or unit not in _BYTE_UNITS:
+    if not _DIGITS.fullmatch(digits) or unit not in _BYTE_UNITS:
         raise argparse.ArgumentTypeError(
             f"expected a size like 4096, 256MiB or 16GiB, got {value!r}"
         )
@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULTS.max_in_snapshot_log_to_keep,
         metavar="N",
         help="logs kept behind the last snapshot for lagging followers (default: %(default)s)",
+    )
+    node.add_argument(
+        "--max-in-memory-log-bytes",
+        type=_byte_size,
+        default=_DEFAULTS.max_in_memory_log_bytes,
+        metavar="BYTES",
+        help="application bytes of applied, durable log entries kept in memory; older ones "
+        "are read back from disk for a lagging follower; 0: keep none (default: 16MiB)",
     )
     node.add_argument(
         "--write-timeout",
@@ -342,19 +350,25 @@ def _check_data_dir(path: str) -> None:
         raise SystemExit(f"raft-http: --data-dir {path} is not a directory")
 
 
+def node_config(args: argparse.Namespace) -> Config:
+    """The Raft core's ``Config`` from ``raft-http node``'s options."""
+    return Config(
+        cluster_name=args.cluster or _DEFAULTS.cluster_name,
+        snapshot_logs_since_last=args.snapshot_logs,
+        max_in_snapshot_log_to_keep=args.keep_logs,
+        max_in_memory_log_bytes=args.max_in_memory_log_bytes,
+        heartbeat_interval=args.heartbeat_interval,
+        election_timeout_min=args.election_timeout,
+        election_timeout_max=2 * args.election_timeout,
+    )
+
+
 async def run_node(args: argparse.Namespace) -> int:
     host, port = args.listen
     _check_listen(host, port)
     _check_data_dir(args.data_dir)
     server_ssl, client_ssl = _ssl_contexts(args)
-    config = Config(
-        cluster_name=args.cluster or _DEFAULTS.cluster_name,
-        snapshot_logs_since_last=args.snapshot_logs,
-        max_in_snapshot_log_to_keep=args.keep_logs,
-        heartbeat_interval=args.heartbeat_interval,
-        election_timeout_min=args.election_timeout,
-        election_timeout_max=2 * args.election_timeout,
-    )
+    config = node_config(args)
     node = KVNode(
         args.id,
         args.data_dir,
