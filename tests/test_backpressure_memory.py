@@ -17,6 +17,7 @@ from raft_cluster import FAST, Cluster, cmd
 from raft_http.raft import Config, Overloaded, Raft, SqliteLogStore, heap
 from raft_http.testing import ListStateMachine
 from raft_http.types import APPEND_ENTRIES_REQUEST, AppendEntriesRequest, Entry, Normal, Success
+from test_leader_flush import wait_until
 from test_raft_review import initial_entry, leader_vote, lid, lone_follower
 
 
@@ -186,6 +187,42 @@ async def test_a_follower_far_behind_catches_up_from_the_store_with_memory_bound
         await c.wait_all(lambda m: True)
         for node in c.nodes.values():
             assert node.log.held_bytes <= bound, node.id
+    finally:
+        await c.close()
+
+
+async def test_metrics_show_the_in_memory_log_grow_with_writes_and_shrink_after_eviction(
+    tmp_path: Path,
+) -> None:
+    bound = 4 * 1024
+    c, leader = await stalled_leader(tmp_path, max_in_memory_log_bytes=bound)
+    try:
+        start = leader.metrics()
+        assert 0 < start.in_memory_log_bytes <= bound
+        data = json.dumps({"pad": "x" * 1000}).encode()
+        writes, held = [], [start]
+        for k in range(1, 13):  # not committed, so not applied: none of them may leave memory
+            writes.append(asyncio.create_task(leader.client_write(data)))
+            index = start.last_log_index + k
+            await wait_until(lambda i=index: leader.metrics().last_log_index == i, "proposed")
+            m = leader.metrics()
+            # Every write is held; of what was held before, only applied entries may go.
+            assert (
+                k * len(data) <= m.in_memory_log_bytes <= k * len(data) + start.in_memory_log_bytes
+            )
+            assert m.in_memory_log_bytes > held[-1].in_memory_log_bytes
+            held.append(m)
+        peak = held[-1]
+        assert peak.in_memory_log_bytes > 2 * bound
+        assert peak.in_memory_log_entries >= 12
+        c.router.heal()
+        async with asyncio.timeout(10):
+            await asyncio.gather(*writes)  # applied, and on the leader's disk: evictable
+        after = leader.metrics()
+        assert after.in_memory_log_bytes <= bound < peak.in_memory_log_bytes
+        assert after.in_memory_log_entries <= bound // len(data) < peak.in_memory_log_entries
+        assert after.in_memory_log_bytes == leader.log.held_bytes
+        assert after.in_memory_log_entries == leader.log.last_index + 1 - leader.log.first_held
     finally:
         await c.close()
 

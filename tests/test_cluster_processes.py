@@ -220,6 +220,28 @@ def test_sigterm_on_the_leader_hands_leadership_over_under_writes(
         assert cluster.call(now, "/consistent_read", f"k{i}") == {"value": str(i)}
 
 
+def test_the_in_memory_log_bound_option_bounds_what_metrics_show_held(
+    make_cluster: Callable[..., ProcessCluster],
+) -> None:
+    bound = 4096
+    cluster = make_cluster([1], ["--max-in-memory-log-bytes", "4KiB"])
+    cluster.start_all()
+    cluster.call(1, "/init", [[1, cluster.addr(1)]])
+    cluster.wait_leader()
+    held = []
+    for i in range(12):  # 12 KB; the default bound (16 MiB) would keep every write in memory
+        cluster.write(1, f"k{i}", "v" * 1000)  # answered once applied: then evictable
+        m = cluster.metrics(1)
+        assert m is not None
+        held.append((m["in_memory_log_bytes"], m["in_memory_log_entries"]))
+    sizes = [size for size, _ in held]
+    assert 1000 < sizes[0] < sizes[1] < sizes[2], held  # it grows with the writes ...
+    assert max(sizes) <= bound, held  # ... up to the bound, then the oldest leave memory
+    assert held[-1][1] <= bound // 1000 < m["last_log_index"], held
+    assert m["purged"] is None  # no snapshot yet: eviction, not a purge, let them go
+    assert cluster.call(1, "/consistent_read", "k0") == {"value": "v" * 1000}
+
+
 def test_example_script_passes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.run(

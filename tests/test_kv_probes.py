@@ -201,7 +201,11 @@ async def test_probes_and_prometheus_metrics_on_a_cluster(
             session, leader.url + "/metrics", Accept="text/plain"
         )
         m = leader.raft.metrics()
-        if before.state == m.state == "Leader" and before.current_term == m.current_term:
+        if (
+            before.state == m.state == "Leader"
+            and before.current_term == m.current_term
+            and before.in_memory_log_bytes == m.in_memory_log_bytes
+        ):
             break
         await asyncio.sleep(0.1)
     assert status == 200
@@ -216,6 +220,8 @@ async def test_probes_and_prometheus_metrics_on_a_cluster(
     assert s["raft_http_committed_index", ()] >= 26
     assert s["raft_http_leader_changes_total", ()] >= 1
     assert s["raft_http_pending_writes", ()] == 0
+    assert s["raft_http_in_memory_log_bytes", ()] == m.in_memory_log_bytes
+    assert s["raft_http_in_memory_log_entries", ()] == m.in_memory_log_entries
     peers = [n for n in nodes if n is not leader]
     for peer in peers:
         p = (("peer", str(peer.node_id)),)

@@ -72,6 +72,14 @@ class _NodeCollector(Collector):
             "running", "1 while the core runs (0 after a fatal error)", m.running
         )
         yield from self._gauge("last_log_index", "Index of the last log entry", m.last_log_index)
+        yield from self._gauge(
+            "in_memory_log_bytes",
+            "Application bytes of the log entries held in memory",
+            m.in_memory_log_bytes,
+        )
+        yield from self._gauge(
+            "in_memory_log_entries", "Log entries held in memory", m.in_memory_log_entries
+        )
         for name, log_id in (
             ("committed_index", m.committed),
             ("applied_index", m.last_applied),

@@ -46,3 +46,8 @@ class RaftMetrics(Struct, frozen=True):
     fatal: str | None = None
     since_leader_heard: float | None = None
     """Seconds since this follower last heard from ``current_leader`` (None on the leader)."""
+    in_memory_log_bytes: int = 0
+    """Application bytes of the log entries held in memory (``Config.max_in_memory_log_bytes``
+    bounds the applied, durable ones; evicted entries are read back from the ``LogStore``)."""
+    in_memory_log_entries: int = 0
+    """How many log entries are held in memory (log ids of unpurged ones are kept apart)."""

@@ -450,6 +450,8 @@ class Raft:
             running=self._running,
             fatal=self._fatal,
             since_leader_heard=since_leader_heard,
+            in_memory_log_bytes=self.log.held_bytes,
+            in_memory_log_entries=self.log.held_entries,
         )
 
     async def wait_for(

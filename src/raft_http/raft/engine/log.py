@@ -103,6 +103,11 @@ class RaftLog:
         """How many entries are unpurged (held in memory or not)."""
         return len(self._ids)
 
+    @property
+    def held_entries(self) -> int:
+        """How many entries are held in memory (``held_bytes`` is their application data)."""
+        return len(self._held)
+
     def log_id_at(self, index: int) -> LogId | None:
         """The log id at ``index`` (None for -1); KeyError if purged (but the last) or beyond."""
         if index == -1:
