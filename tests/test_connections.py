@@ -199,3 +199,31 @@ def test_the_default_cap_leaves_file_descriptors_free() -> None:
         ConnectionLimits(max_connections=0)
     with pytest.raises(ValueError, match="idle_timeout"):
         ConnectionLimits(idle_timeout=0)
+
+
+def test_the_guard_serves_and_evicts_under_uvloop() -> None:
+    """uvloop's transports do not subclass asyncio's: the guard must not assume they do
+    (it asserted so, and every connection then failed under uvloop)."""
+    import uvloop
+
+    async def scenario() -> None:
+        limits = ConnectionLimits(max_connections=4, idle_timeout=60)
+        async with (
+            asyncio.timeout(20),
+            serve(limits) as (guard, port),
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client,
+        ):
+            async with client.get(f"http://127.0.0.1:{port}/public") as resp:
+                assert resp.status == 200
+            with idle_sockets(port, 10) as flood:
+                await settle(guard, 4)
+                await asyncio.sleep(0.2)
+                # 11 connections for 4 places: the client's idle one and 6 of the flood went.
+                assert guard.evicted == 7
+                assert closed_by_server(flood) == 6
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()

@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ssl import SSLContext
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -131,8 +131,8 @@ class _Tracked(asyncio.Protocol):
         if self.evicted:  # evicted between accept and now
             _abort(transport)
             return
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
         loop = asyncio.get_running_loop()
         self._idle = loop.call_later(self._guard.limits.idle_timeout, transport.close)
 
@@ -168,8 +168,9 @@ class _Tracked(asyncio.Protocol):
 
 
 def _abort(transport: asyncio.BaseTransport) -> None:
-    if isinstance(transport, asyncio.WriteTransport):
-        transport.abort()  # no lingering: the fd is free at once
+    abort = getattr(transport, "abort", None)  # uvloop's transports are not asyncio's
+    if abort is not None:
+        abort()  # no lingering: the fd is free at once
     else:
         transport.close()
 
