@@ -61,6 +61,13 @@ class GatedStore(MemoryLogStore):
         await self._wait("vote", vote.term)
         await super().save_vote(vote)
 
+    async def save_committed(self, committed: LogId | None) -> None:
+        self.calls.append(("committed", committed))  # not gated: no fsync (see storage.py)
+        await super().save_committed(committed)
+
+    def saved_committed(self) -> list[object]:
+        return [arg for call, arg in self.calls if call == "committed"]
+
     def appends(self) -> list[object]:
         return [arg for call, arg in self.calls if call == "append"]
 
@@ -323,12 +330,15 @@ async def test_a_follower_applies_committed_entries_it_has_not_flushed_and_resta
     )
     await raft.wait_for(lambda m: m.last_applied == lid(1, 5), 5, "apply")
     assert not answer.done()  # applied, but not acknowledged: not durable here
+    # Committed up to 5, but the disk holds only up to 2: that is what is saved.
+    await wait_until(lambda: lid(1, 2) in store.saved_committed(), "the commit index saved")
+    assert store.saved_committed() == [lid(1, 2)]
     applied = list(machine.applied)
     # A crash loses the pending write: a new incarnation over what the disk holds.
     disk = MemoryLogStore()
     await disk.save_vote(leader_vote(1, 1))
     await disk.append(await store.read_entries(0, 10))
-    await disk.save_committed(await store.read_committed())  # may be past the durable log
+    await disk.save_committed(await store.read_committed())
     raft.fail("crashed")
     again_machine = ListStateMachine()
     again = await Raft.create(
@@ -344,6 +354,75 @@ async def test_a_follower_applies_committed_entries_it_has_not_flushed_and_resta
         assert again_machine.applied == applied
     finally:
         store.gate.set()
+        await again.shutdown()
+        await raft.shutdown()
+
+
+async def restart(raft: Raft, store: GatedStore, tmp_path: Path) -> tuple[Raft, ListStateMachine]:
+    """``raft`` crashes: a new incarnation over what ``store`` holds (gated writes are lost)."""
+    disk = MemoryLogStore()
+    vote = await store.read_vote()
+    assert vote is not None
+    await disk.save_vote(vote)
+    await disk.append(await store.read_entries(0, 10))
+    await disk.save_committed(await store.read_committed())
+    raft.fail("crashed")
+    machine = ListStateMachine()
+    again = await Raft.create(
+        2, raft.config, raft.network, disk, machine, SnapshotStore(tmp_path / "again")
+    )
+    return again, machine
+
+
+async def test_the_saved_commit_index_names_an_entry_the_disk_holds(tmp_path: Path) -> None:
+    """A new leader's entries replace an uncommitted tail and commit while the truncate
+    and the append are still queued: the follower applies them from memory, but the
+    commit index it saves must not name them. Its disk still holds the old entries at
+    those indexes, and a crash would restart it applying those."""
+    raft, store, machine = await gated_follower(tmp_path)  # 0..2 of term 1, on disk
+    new_leader = leader_vote(2, 3)
+    again: Raft | None = None
+    try:
+        tail = append_rpc(lid(1, 2), entries(1, 3, 6), None)  # 3..5 of term 1, uncommitted
+        assert isinstance(await raft.append_entries(tail), Success)
+        hello = AppendEntriesRequest(new_leader, lid(1, 5), [], None)
+        assert isinstance(await raft.append_entries(hello), Success)  # its vote, on disk
+        store.gate.clear()
+        replace = AppendEntriesRequest(new_leader, lid(1, 2), entries(2, 3, 6), lid(2, 4))
+        answer = asyncio.create_task(raft.append_entries(replace))
+        await raft.wait_for(lambda m: m.last_applied == lid(2, 4), 5, "apply")
+        await asyncio.sleep(0.2)  # several save intervals
+        assert not answer.done()
+        on_disk = {e.log_id for e in await store.read_entries(0, 10)}
+        assert lid(1, 4) in on_disk  # the truncate is still queued
+        assert all(c in on_disk for c in store.saved_committed() if c is not None)
+        applied = list(machine.applied)
+        again, again_machine = await restart(raft, store, tmp_path)
+        assert again_machine.applied == applied[: len(again_machine.applied)]
+    finally:
+        store.gate.set()
+        if again is not None:
+            await again.shutdown()
+        await raft.shutdown()
+
+
+async def test_a_saved_commit_index_the_log_does_not_hold_is_not_trusted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stores written by earlier versions may hold a commit index naming an entry their
+    log does not hold (replaced in memory, the truncate lost in a crash): the node then
+    applies nothing beyond its snapshot until a leader says what is committed."""
+    raft, store, _ = await gated_follower(tmp_path)  # 0..2 of term 1, on disk
+    await store.save_committed(lid(2, 2))  # committed at index 2, but a term-2 entry
+    again, again_machine = await restart(raft, store, tmp_path)
+    try:
+        assert again.metrics().committed is None
+        assert again_machine.applied == []
+        assert "is not in the log" in caplog.text
+        told = append_rpc(lid(1, 2), [], lid(1, 2))
+        assert isinstance(await again.append_entries(told), Success)
+        await again.wait_for(lambda m: m.last_applied == lid(1, 2), 5, "apply once told")
+    finally:
         await again.shutdown()
         await raft.shutdown()
 

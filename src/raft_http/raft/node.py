@@ -107,6 +107,8 @@ log = logging.getLogger(__name__)
 
 _RAW_JSON: Final = msgspec.json.Decoder(msgspec.Raw)
 _APPLY_BATCH: Final = 1000
+_COMMITTED_SAVE_INTERVAL: Final = 0.05
+"""Seconds between two saves of the commit index (see ``_commit_save_loop``)."""
 _T = TypeVar("_T")
 
 
@@ -177,6 +179,8 @@ class Raft:
         self._membership_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._commit_event = asyncio.Event()
+        self._committed_unsaved = asyncio.Event()
+        self._committed_saved: LogId | None = None
         self._responders = Responders(asyncio.get_running_loop())
         """Every client write not yet decided; the one place that decides each."""
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -220,6 +224,7 @@ class Raft:
         raft._reset_election_deadline()
         raft._spawn(raft._election_loop(), "election")
         raft._spawn(raft._apply_loop(), "apply")
+        raft._spawn(raft._commit_save_loop(), "save-committed")
         raft._update_role()
         return raft
 
@@ -256,9 +261,18 @@ class Raft:
         self._memberships.track(
             self.log.slice(max(self.log.first_index, base + 1), self.log.last_index + 1)
         )
-        committed = await self.log_store.read_committed()
-        if log_index(committed) > self.log.last_index:
-            committed = self.log.last_log_id
+        committed = self._committed_saved = await self.log_store.read_committed()
+        if log_index(committed) > log_index(snap_last) and not self.log.matches(committed):
+            # The log does not hold the saved id (earlier versions could save it ahead of
+            # a pending truncate): what the log holds at that index may not be the
+            # committed entry, so only the snapshot is known to be committed.
+            log.warning(
+                "node %s: the saved commit index %s is not in the log; starts from %s",
+                self.id,
+                committed,
+                snap_last,
+            )
+            committed = None
         self.committed = max(committed, snap_last, key=log_id_key)
         await self._apply_committed()
         log.info(
@@ -336,6 +350,11 @@ class Raft:
                 if task in self._tasks:
                     self.storage_calls.cancel(task)  # started while stopping (a vote request)
             await asyncio.wait(tasks)
+        if self._fatal is None:  # a clean stop: the next start need not wait for a leader
+            final = self._committed_to_save()
+            if log_index(final) > log_index(self._committed_saved):
+                with contextlib.suppress(StorageError, Fatal):
+                    await self.log_store.save_committed(final)
         await self.storage_calls.drain("node is shut down")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -927,6 +946,7 @@ class Raft:
         self._last_applied = last
         self._snapshot = meta
         await self.log_store.save_committed(last)
+        self._committed_saved = last
         self._update_role()
         log.info("node %s installed snapshot %s up to %s", self.id, meta.snapshot_id, last)
 
@@ -1088,8 +1108,38 @@ class Raft:
                     log.info("node %s is no longer a voter; steps down", self.id)
                     self._stop_leading("removed from the voters")
                     self._notify()
+            self._committed_unsaved.set()
+
+    async def _commit_save_loop(self) -> None:
+        """Save the commit index, at most every ``_COMMITTED_SAVE_INTERVAL``.
+
+        It only spares a restart the wait for a leader to say what is committed, so it
+        need not follow every apply: saved after each one, it cost a storage call per
+        applied batch, queued on the store's thread ahead of the next log append.
+        What is saved is also held by this node's durable log (``_committed_to_save``).
+        """
+        while self._running:
+            await self._committed_unsaved.wait()
+            self._committed_unsaved.clear()
+            committed = self._committed_to_save()
+            if log_index(committed) <= log_index(self._committed_saved):
+                continue
             with contextlib.suppress(StorageError):
                 await self.log_store.save_committed(committed)
+                self._committed_saved = committed
+            await asyncio.sleep(_COMMITTED_SAVE_INTERVAL)
+            self._committed_unsaved.set()  # whatever was applied meanwhile
+
+    def _committed_to_save(self) -> LogId | None:
+        """The commit index, but no further than this node's own durable log agrees with
+        its log: after a crash the saved id must name the entry the disk holds there (a
+        committed entry replaced in memory may still be the old one on disk while the
+        truncate is queued)."""
+        upto = min(log_index(self.committed), self._self_matched())
+        try:
+            return self.log.log_id_at(upto)
+        except KeyError:  # purged past it meanwhile: the snapshot covers it
+            return self._committed_saved
 
     async def _apply_committed(self) -> None:
         async with self._sm_lock:
