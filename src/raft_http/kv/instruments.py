@@ -202,9 +202,10 @@ class NodeInstruments:
             if learned and (_index(m.last_applied) or 0) >= self.ready_at_index:
                 self.ready = True
             seen = _watched(m)
-            with contextlib.suppress(TimeoutError):
-                await raft.wait_for(lambda new, seen=seen: _watched(new) != seen, timeout=5.0)
-            m = raft.metrics()
+            try:
+                m = await raft.wait_for(lambda new, seen=seen: _watched(new) != seen, timeout=5.0)
+            except TimeoutError:
+                m = raft.metrics()
         self.ready = False
 
     async def close(self) -> None:

@@ -178,6 +178,8 @@ class Raft:
         self._sm_lock = asyncio.Lock()
         self._membership_lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._metrics_of_change: tuple[asyncio.Event, RaftMetrics] | None = None
+        """``metrics()`` as computed after the change ``_changed`` stands for (see wait_for)."""
         self._commit_event = asyncio.Event()
         self._committed_unsaved = asyncio.Event()
         self._committed_saved: LogId | None = None
@@ -479,18 +481,32 @@ class Raft:
         """Wait until ``predicate(metrics)`` holds; ``TimeoutError`` after ``timeout`` seconds."""
         try:
             async with asyncio.timeout(timeout):
+                changed = self._changed
+                metrics = self.metrics()
                 while True:
-                    changed = self._changed
-                    metrics = self.metrics()
                     if predicate(metrics):
                         return metrics
                     if self._stopped is not None:  # its metrics change no more
                         self._check_running()
                     await changed.wait()
+                    changed = self._changed
+                    metrics = self._metrics_after_change(changed)
         except TimeoutError:
             raise TimeoutError(
                 f"node {self.id}: timed out after {timeout}s waiting for {msg or 'a condition'}"
             ) from None
+
+    def _metrics_after_change(self, changed: asyncio.Event) -> RaftMetrics:
+        """``metrics()``, computed once per change for all the waiters it wakes.
+
+        A node has several long-lived waiters (the probes, the event log, the CLI's
+        fatal watch) and changes several times per write: each recomputing the metrics
+        after each change cost more than the change itself.
+        """
+        cached = self._metrics_of_change
+        if cached is None or cached[0] is not changed:
+            cached = self._metrics_of_change = (changed, self.metrics())
+        return cached[1]
 
     async def _wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
         try:
