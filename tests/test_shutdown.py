@@ -37,6 +37,7 @@ from raft_http.types import (
     Normal,
     Snapshot,
     SnapshotMeta,
+    SnapshotResponse,
     StoredMembership,
     Success,
     TransferLeaderRequest,
@@ -194,6 +195,43 @@ async def test_shutdown_waits_for_a_snapshot_being_installed(tmp_path: Path) -> 
     directory = tmp_path / "snapshots-2"
     assert not [p for p in directory.iterdir() if p.name.startswith(".tmp")]
     assert await SnapshotStore(directory).latest() == meta
+
+
+@on_virtual_time
+async def test_a_cancelled_snapshot_install_returns_only_once_it_no_longer_reads_the_data(
+    tmp_path: Path,
+) -> None:
+    """A server whose request is cancelled closes and deletes the uploaded file once the
+    handler returns: the install, which runs to its end, must be done with it by then."""
+    worker = Worker()
+    raft, _ = await follower(tmp_path, worker)
+    rpc = AppendEntriesRequest(leader_vote(1, 1), None, first_entries(), None)
+    assert isinstance(await raft.append_entries(rpc), Success)
+    worker.hold.add("save_from")
+    membership = StoredMembership(lid(1, 0), Membership([[1, 2, 3]], NODES))
+    meta = SnapshotMeta(lid(1, 5), membership, "leader-5")
+    data = io.BytesIO(msgspec.json.encode(["a", "b", "c", "d", "e"]))
+
+    async def serve() -> SnapshotResponse:  # what the server's /snapshot route does
+        try:
+            return await raft.install_full_snapshot(leader_vote(1, 1), Snapshot(meta, data))
+        finally:
+            data.close()
+
+    request = asyncio.create_task(serve())
+    await worker.entered.wait()  # saving the data to the snapshot store
+    request.cancel()
+    await asyncio.sleep(1.0)
+    assert not request.done(), "returned (and the data was closed) while still in use"
+    assert not data.closed
+    worker.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert data.closed
+    assert raft.metrics().fatal is None
+    assert raft.metrics().snapshot == lid(1, 5)
+    assert await SnapshotStore(tmp_path / "snapshots-2").latest() == meta
+    await raft.shutdown()
 
 
 @on_virtual_time

@@ -326,6 +326,8 @@ class RaftHandler(Protocol):
         """Install a complete snapshot received from the leader of ``vote``.
 
         ``snapshot.data`` is only valid during the call: the handler copies what it keeps.
+        Cancelled, the call must still return only once nothing reads ``data``: the
+        server closes and deletes it then.
         Answers its own vote; a vote greater than ``vote`` means the snapshot was refused.
         """
         ...

@@ -201,9 +201,12 @@ class NodeInstruments:
                 self.ready_at_index = max(_index(m.committed) or 0, self.ready_at_index)
             if learned and (_index(m.last_applied) or 0) >= self.ready_at_index:
                 self.ready = True
-            seen = _watched(m)
+            # Once ready, the commit and apply indexes no longer matter here: not waking
+            # for them spares this task two wake-ups per write.
+            watched = _watched_ready if self.ready else _watched
+            seen = watched(m)
             try:
-                m = await raft.wait_for(lambda new, seen=seen: _watched(new) != seen, timeout=5.0)
+                m = await raft.wait_for(lambda new, w=watched, s=seen: w(new) != s, timeout=5.0)
             except TimeoutError:
                 m = raft.metrics()
         self.ready = False
@@ -219,6 +222,11 @@ class NodeInstruments:
 def _watched(m: Any) -> tuple[Any, ...]:
     """The fields ``_watch`` acts on (``since_quorum_ack`` changes at every call)."""
     return (m.current_leader, m.committed, m.last_applied, m.running)
+
+
+def _watched_ready(m: Any) -> tuple[Any, ...]:
+    """The fields ``_watch`` acts on once the node is ready."""
+    return (m.current_leader, m.running)
 
 
 def _index(log_id: LogId | None) -> int | None:

@@ -737,9 +737,12 @@ class Raft:
         )
 
     async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
+        """``snapshot.data`` stays the caller's: this returns, even when cancelled, only
+        once nothing reads it any more (the caller then closes or deletes it)."""
         self._check_running()
         return await self._uncancellable(
-            self._hearing_leader(vote, self._handle_install_snapshot(vote, snapshot))
+            self._hearing_leader(vote, self._handle_install_snapshot(vote, snapshot)),
+            wait_when_cancelled=True,
         )
 
     async def _hearing_leader(self, vote: Vote, work: Coroutine[Any, Any, _T]) -> _T:
@@ -788,15 +791,27 @@ class Raft:
             return  # another election already moved on
         self._spawn(self._elect(transfer=True), "transfer-election")
 
-    async def _uncancellable(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        """Run an incoming RPC in a task of its own that shutdown waits for."""
+    async def _uncancellable(
+        self, coro: Coroutine[Any, Any, _T], *, wait_when_cancelled: bool = False
+    ) -> _T:
+        """Run an incoming RPC in a task of its own that shutdown waits for.
+
+        A cancelled caller gets ``CancelledError`` at once, or, ``wait_when_cancelled``,
+        once the task has ended (it uses something the caller owns).
+        """
         if self._stopped is not None:
             coro.close()
             raise Fatal(self._fatal or "node is shut down")
         task = self._loop.create_task(coro)
         self._rpc_tasks.add(task)
         task.add_done_callback(self._rpc_done)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            while wait_when_cancelled and not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([task])
+            raise
 
     def _rpc_done(self, task: asyncio.Task[Any]) -> None:
         self._rpc_tasks.discard(task)
