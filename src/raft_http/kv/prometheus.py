@@ -198,7 +198,7 @@ class _NodeCollector(Collector):
     def _storage(self) -> Iterator[Metric]:
         fsync = HistogramMetricFamily(
             "raft_http_log_fsync_duration_seconds",
-            "Durable log writes (one fsync each), by operation",
+            "Durable log writes (one fsync each, with the hand-off to the store's thread), by op",
             labels=["op"],
         )
         for op, h in sorted(self.i.storage.items()):
