@@ -176,16 +176,24 @@ async def test_shutdown_waits_for_a_vote_being_saved(tmp_path: Path) -> None:
     assert await store.read_vote() == Vote(LeaderId(1, 3))
 
 
-@on_virtual_time
-async def test_shutdown_waits_for_a_snapshot_being_installed(tmp_path: Path) -> None:
-    worker = Worker()
+async def follower_saving_a_snapshot(
+    tmp_path: Path, worker: Worker
+) -> tuple[Raft, SnapshotMeta, io.BytesIO]:
+    """A follower with a log, and the meta and data of a snapshot past it; the store's
+    ``save_from`` will be held."""
     raft, _ = await follower(tmp_path, worker)
     rpc = AppendEntriesRequest(leader_vote(1, 1), None, first_entries(), None)
     assert isinstance(await raft.append_entries(rpc), Success)
     worker.hold.add("save_from")
     membership = StoredMembership(lid(1, 0), Membership([[1, 2, 3]], NODES))
     meta = SnapshotMeta(lid(1, 5), membership, "leader-5")
-    data = io.BytesIO(msgspec.json.encode(["a", "b", "c", "d", "e"]))
+    return raft, meta, io.BytesIO(msgspec.json.encode(["a", "b", "c", "d", "e"]))
+
+
+@on_virtual_time
+async def test_shutdown_waits_for_a_snapshot_being_installed(tmp_path: Path) -> None:
+    worker = Worker()
+    raft, meta, data = await follower_saving_a_snapshot(tmp_path, worker)
     handler = asyncio.create_task(
         raft.install_full_snapshot(leader_vote(1, 1), Snapshot(meta, data))
     )
@@ -204,13 +212,7 @@ async def test_a_cancelled_snapshot_install_returns_only_once_it_no_longer_reads
     """A server whose request is cancelled closes and deletes the uploaded file once the
     handler returns: the install, which runs to its end, must be done with it by then."""
     worker = Worker()
-    raft, _ = await follower(tmp_path, worker)
-    rpc = AppendEntriesRequest(leader_vote(1, 1), None, first_entries(), None)
-    assert isinstance(await raft.append_entries(rpc), Success)
-    worker.hold.add("save_from")
-    membership = StoredMembership(lid(1, 0), Membership([[1, 2, 3]], NODES))
-    meta = SnapshotMeta(lid(1, 5), membership, "leader-5")
-    data = io.BytesIO(msgspec.json.encode(["a", "b", "c", "d", "e"]))
+    raft, meta, data = await follower_saving_a_snapshot(tmp_path, worker)
 
     async def serve() -> SnapshotResponse:  # what the server's /snapshot route does
         try:
