@@ -486,7 +486,8 @@ async def test_full_snapshot_streams_every_byte(aiohttp_server: ServerFactory) -
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         assert raft.snapshot_offsets == [0]
         headers = raft.headers[-1]
-        assert headers["Transfer-Encoding"] == "chunked"
+        assert "Transfer-Encoding" not in headers
+        assert headers["Content-Length"] == str(len(data))
         assert headers["Content-Type"] == "application/octet-stream"
         assert headers["Raft-Snapshot-Size"] == str(len(data))
         assert headers["Authorization"] == "Bearer t"
@@ -558,6 +559,8 @@ async def test_offset_mismatch_resumes_from_the_expected_offset(
         await net.full_snapshot(vote(1), snapshot_of(data), never(), OPT)
         assert raft.snapshot_offsets == [0, 40_000]
         assert raft.installed[0][2] == data
+        # each request declares the length of its own body, not the snapshot's
+        assert [h["Content-Length"] for h in raft.headers[-2:]] == ["100000", "60000"]
     finally:
         await net.factory.close()
 

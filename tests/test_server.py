@@ -805,6 +805,40 @@ async def test_64_mib_snapshot_streams_with_bounded_memory(
     assert installed.sha256 == sha256_of_stream_sync(total)
 
 
+async def test_the_body_reaches_the_spool_in_batches_not_per_chunk(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    handler: RecordingHandler,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One append (one thread hop) per ~2 MiB, whatever the sender's chunks or the read unit."""
+    total = 9 * 1024 * 1024 + 5
+    app = raft_app(handler, spool_dir=tmp_path, read_chunk_size=64 * 1024)
+    spool = app[SNAPSHOT_SPOOL]
+    batches: list[int] = []
+    append = spool.append
+
+    async def counting(lease: Any, data: Any) -> int:
+        batches.append(sum(len(piece) for piece in data))
+        return await append(lease, data)
+
+    monkeypatch.setattr(spool, "append", counting)
+    server = await aiohttp_server(app)
+    headers = snapshot_headers(vote(2), snapshot_meta("batched"), total)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/snapshot"), data=body_stream(total, 16 * 1024), headers=headers
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+    assert sum(batches) == total
+    assert len(batches) <= 6, batches  # 144 read chunks of 64 KiB, 576 sent chunks of 16 KiB
+    assert max(batches) <= 2 * 1024 * 1024 + 64 * 1024
+    [installed] = handler.installed
+    assert installed.sha256 == sha256_of_stream_sync(total)
+
+
 # --- mounting and running alone ------------------------------------------------------
 
 

@@ -529,7 +529,13 @@ class HttpNetwork(RaftNetwork):
         """One POST of the bytes from ``offset``; a dropped connection raises ``_Dropped``."""
         session = self.factory.snapshot_session()
         state = _Upload(offset)
-        headers = {**headers, H_SNAPSHOT_OFFSET: str(offset)}
+        # A Content-Length, not chunked encoding: on Python 3.11 aiohttp joins each chunk
+        # with its framing (a copy of every chunk), and the receiver checks the length.
+        headers = {
+            **headers,
+            H_SNAPSHOT_OFFSET: str(offset),
+            aiohttp.hdrs.CONTENT_LENGTH: str(size - offset),
+        }
         try:
             async with asyncio.timeout(option.hard_ttl) as deadline:
                 body = self._chunks(snapshot, state, size, option, deadline)
