@@ -6,11 +6,12 @@
 ``raft_app`` (a receiver process) whose handler installs at once: the server spools
 the body to a file as it arrives, checks its sha256 and hands the file over.
 ``raw``: an aiohttp POST of the same file, read in the same chunks (3 MiB, the
-client's default), to a bare aiohttp handler that writes each chunk
-(``iter_chunked(256 KiB)``, the server's read unit) to a file as it arrives, from
-the loop. Runs alternate between the two, each pair with fresh processes; the ratio
-is taken within a pair. Peak RSS growth is each process's ``ru_maxrss`` at the end
-minus its RSS just before the transfer.
+client's default) and sent with a ``Content-Length`` as the client does, to a bare
+aiohttp handler that writes each chunk (``iter_chunked(256 KiB)``, the server's read
+unit) to a file as it arrives, from the loop. Runs alternate between the two, each
+pair with fresh processes; the ratio is taken within a pair. Peak RSS growth is each
+process's ``ru_maxrss`` at the end minus its RSS just before the transfer; a second
+table gives it at other send chunk sizes (one interleaved pair each).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MiB = 1024 * 1024
 SEND_CHUNK = 3 * MiB
+MEMORY_CHUNKS = (1 * MiB, 8 * MiB)  # besides SEND_CHUNK: peak RSS growth at each
 READ_CHUNK = 256 * 1024
 SIZES_MIB = {"full": 1024, "quick": 256, "smoke": 8}
 
@@ -95,7 +97,7 @@ def serve(kind: str, port: int, spool: Path) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-async def _send(kind: str, url: str, path: Path, sha256: str) -> dict[str, Any]:
+async def _send(kind: str, url: str, path: Path, sha256: str, chunk: int) -> dict[str, Any]:
     import aiohttp
 
     from raft_http.client import HttpNetworkFactory
@@ -127,20 +129,21 @@ async def _send(kind: str, url: str, path: Path, sha256: str) -> dict[str, Any]:
                     vote,
                     Snapshot(meta, data, sha256=sha256),
                     never,
-                    RPCOption(hard_ttl=60.0, snapshot_chunk_size=SEND_CHUNK),
+                    RPCOption(hard_ttl=60.0, snapshot_chunk_size=chunk),
                 )
         assert answer.vote == vote, answer
     else:
 
         async def body() -> Any:
             with open(path, "rb") as f:
-                while piece := f.read(SEND_CHUNK):
+                while piece := f.read(chunk):
                     yield piece
 
         timeout = aiohttp.ClientTimeout(total=None)
+        length = {"Content-Length": str(size)}  # as HttpNetwork sends: no chunked framing
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
-            session.post(f"{url}/snapshot", data=body()) as resp,
+            session.post(f"{url}/snapshot", data=body(), headers=length) as resp,
         ):
             answer = await resp.json()
             assert answer == {"received": size}, answer
@@ -154,8 +157,8 @@ async def _send(kind: str, url: str, path: Path, sha256: str) -> dict[str, Any]:
     }
 
 
-def send(kind: str, url: str, path: Path, sha256: str) -> None:
-    print(json.dumps(asyncio.run(_send(kind, url, path, sha256))), flush=True)
+def send(kind: str, url: str, path: Path, sha256: str, chunk: int) -> None:
+    print(json.dumps(asyncio.run(_send(kind, url, path, sha256, chunk))), flush=True)
 
 
 # --- the benchmark ---------------------------------------------------------------------
@@ -180,7 +183,9 @@ def _get_json(url: str) -> dict[str, Any]:
         return answer
 
 
-def one_run(kids: Any, kind: str, path: Path, sha256: str, spool: Path) -> dict[str, Any]:
+def one_run(
+    kids: Any, kind: str, path: Path, sha256: str, spool: Path, chunk: int = SEND_CHUNK
+) -> dict[str, Any]:
     from _harness import cpu_seconds, free_ports, run_json, wait_port
 
     (port,) = free_ports(1)
@@ -192,12 +197,15 @@ def one_run(kids: Any, kind: str, path: Path, sha256: str, spool: Path) -> dict[
         wait_port(port, receiver)
         url = f"http://127.0.0.1:{port}"
         cpu0 = cpu_seconds(receiver.pid)
-        result = run_json([sys.executable, me, "send", kind, url, str(path), sha256], timeout=600)
+        result = run_json(
+            [sys.executable, me, "send", kind, url, str(path), sha256, str(chunk)], timeout=600
+        )
         result["receiver_cpu"] = cpu_seconds(receiver.pid) - cpu0
         stats = _get_json(f"{url}/stats")
         result["receiver_growth"] = stats["peak_rss"] - stats["rss_before"]
         result["sender_growth"] = result["peak_rss"] - result["rss_before"]
         result["mb_s"] = result["bytes"] / result["seconds"] / 1e6
+        result["send_chunk"] = chunk
     finally:
         receiver.kill()
         receiver.wait(timeout=10)
@@ -230,18 +238,25 @@ def main() -> None:
         spool = work / "spool"
         spool.mkdir()
         results: dict[str, list[dict[str, Any]]] = {"raft-http": [], "raw": []}
+        by_chunk: dict[str, list[dict[str, Any]]] = {"raft-http": [], "raw": []}
         with Children(args.out / "logs") as kids:
             for r in range(runs):
                 order = ["raw", "raft-http"] if r % 2 else ["raft-http", "raw"]
                 for name in order:
                     kind = "raft" if name == "raft-http" else "raw"
                     results[name].append(one_run(kids, kind, path, sha256, spool))
+            for i, chunk in enumerate(MEMORY_CHUNKS):
+                order = ["raw", "raft-http"] if i % 2 else ["raft-http", "raw"]
+                for name in order:
+                    kind = "raft" if name == "raft-http" else "raw"
+                    by_chunk[name].append(one_run(kids, kind, path, sha256, spool, chunk))
     report.data = {
         "mib": mib,
         "dir": str(args.dir),
         "send_chunk": SEND_CHUNK,
         "read_chunk": READ_CHUNK,
         **results,
+        "by_chunk": by_chunk,
     }
     ours, base = results["raft-http"], results["raw"]
     ratios = [a["mb_s"] / b["mb_s"] for a, b in zip(ours, base, strict=True)]
@@ -273,10 +288,44 @@ def main() -> None:
         ],
         [row("raft-http", ours, fmt_spread(ratios)), row("raw", base, "1")],
         f"Median (min-max) of {runs} interleaved runs, fresh processes each; chunks of "
-        f"{SEND_CHUNK // MiB} MiB sent, {READ_CHUNK // 1024} KiB read; files in "
+        f"{SEND_CHUNK // MiB} MiB sent (both with a Content-Length), {READ_CHUNK // 1024} KiB "
+        "read; files in "
         f"{args.dir or tempfile.gettempdir()}. raft-http verifies the sha256 of the whole file; "
         "raw does not hash. CPU is seconds of CPU (user + system, all threads) per GiB moved: "
-        "unlike MB/s, it does not depend on how busy the machine is.",
+        "it varies less with how busy the machine is than MB/s do, but still does (the "
+        "neighbours share caches and memory bandwidth).",
+    )
+    memory_rows = []
+    for chunk in (SEND_CHUNK, *MEMORY_CHUNKS):
+        for name in ("raft-http", "raw"):
+            rs = [x for x in results[name] + by_chunk[name] if x["send_chunk"] == chunk]
+            memory_rows.append(
+                [
+                    f"{chunk // MiB} MiB",
+                    name,
+                    fmt_spread([x["mb_s"] for x in rs]),
+                    fmt_spread([x["sender_growth"] / MiB for x in rs]),
+                    fmt_spread([x["receiver_growth"] / MiB for x in rs]),
+                    fmt_spread([x["sender_growth"] / chunk for x in rs]),
+                    fmt_spread([x["receiver_growth"] / chunk for x in rs]),
+                ]
+            )
+    report.table(
+        "Peak RSS growth by send chunk size",
+        [
+            "send chunk",
+            "path",
+            "MB/s",
+            "sender MiB",
+            "receiver MiB",
+            "sender in chunks",
+            "receiver in chunks",
+        ],
+        memory_rows,
+        f"The {SEND_CHUNK // MiB} MiB rows are the main table's runs; the others one "
+        f"interleaved pair each. Growth is peak RSS (ru_maxrss) minus RSS before the "
+        f"transfer, in MiB and in send chunks. The receiver reads {READ_CHUNK // 1024} KiB "
+        "units whatever the sender's chunk; raft-http's spools them in 2 MiB batches.",
     )
     report.save(args.out)
 
@@ -285,6 +334,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
     elif len(sys.argv) > 1 and sys.argv[1] == "send":
-        send(sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5])
+        send(sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
     else:
         main()
