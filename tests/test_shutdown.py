@@ -117,6 +117,9 @@ class WorkerSnapshotStore(SnapshotStore):
     async def save_from(self, meta: SnapshotMeta, data: BinaryIO) -> None:
         await self.worker.run("save_from", super().save_from(meta, data))
 
+    async def save(self, meta: SnapshotMeta, write: Any) -> None:
+        await self.worker.run("save", super().save(meta, write))
+
 
 async def follower(tmp_path: Path, worker: Worker) -> tuple[Raft, WorkerLogStore]:
     """Node 2 of {1, 2, 3}, with elections off: only the RPCs a test calls move it."""
@@ -327,7 +330,7 @@ async def test_shutdown_lets_a_snapshot_build_finish_and_fail_cancels_it(
         worker = Worker()
         directory = tmp_path / stop
         store = WorkerLogStore(worker)
-        snapshots = HeldSaves(directory, worker)
+        snapshots = WorkerSnapshotStore(directory, worker)
         raft = await Raft.create(
             1, FAST, MemoryRouter().factory(1), store, ListStateMachine(), snapshots
         )
@@ -344,15 +347,6 @@ async def test_shutdown_lets_a_snapshot_build_finish_and_fail_cancels_it(
         latest = await SnapshotStore(directory).latest()
         assert latest is not None  # the save had started: it completed either way
         assert latest.last_log_id == raft.metrics().last_applied
-
-
-class HeldSaves(SnapshotStore):
-    def __init__(self, directory: Path, worker: Worker) -> None:
-        super().__init__(directory)
-        self.worker = worker
-
-    async def save(self, meta: SnapshotMeta, write: Any) -> None:
-        await self.worker.run("save", super().save(meta, write))
 
 
 @on_virtual_time
