@@ -335,15 +335,7 @@ async def test_a_follower_applies_committed_entries_it_has_not_flushed_and_resta
     assert store.saved_committed() == [lid(1, 2)]
     applied = list(machine.applied)
     # A crash loses the pending write: a new incarnation over what the disk holds.
-    disk = MemoryLogStore()
-    await disk.save_vote(leader_vote(1, 1))
-    await disk.append(await store.read_entries(0, 10))
-    await disk.save_committed(await store.read_committed())
-    raft.fail("crashed")
-    again_machine = ListStateMachine()
-    again = await Raft.create(
-        2, raft.config, raft.network, disk, again_machine, SnapshotStore(tmp_path / "s2")
-    )
+    again, again_machine = await restart(raft, store, tmp_path)
     try:
         assert again.log.last_index == 2
         assert again.metrics().committed == lid(1, 2)
