@@ -29,6 +29,7 @@ from raft_http.raft.storage_calls import StorageCalls
 from raft_http.testing import ListStateMachine, MemoryRouter
 from raft_http.types import (
     AppendEntriesRequest,
+    AppendEntriesResponse,
     Entry,
     LeaderId,
     Membership,
@@ -150,16 +151,24 @@ async def shutdown_while_held(raft: Raft, worker: Worker) -> int:
     return await stopping
 
 
-@on_virtual_time
-async def test_shutdown_waits_for_an_append_entries_handler_writing_the_log(
-    tmp_path: Path,
-) -> None:
-    worker = Worker()
+async def follower_appending(
+    tmp_path: Path, worker: Worker
+) -> tuple[Raft, WorkerLogStore, asyncio.Task[AppendEntriesResponse]]:
+    """A follower handling an AppendEntries whose log append is held by ``worker``."""
     raft, store = await follower(tmp_path, worker)
     worker.hold.add("append")
     rpc = AppendEntriesRequest(leader_vote(1, 1), None, first_entries(), None)
     handler = asyncio.create_task(raft.append_entries(rpc))
     await worker.entered.wait()
+    return raft, store, handler
+
+
+@on_virtual_time
+async def test_shutdown_waits_for_an_append_entries_handler_writing_the_log(
+    tmp_path: Path,
+) -> None:
+    worker = Worker()
+    raft, store, handler = await follower_appending(tmp_path, worker)
     assert await shutdown_while_held(raft, worker) == 0
     assert handler.done(), "shutdown returned before the RPC handler ended"
     assert isinstance(handler.result(), Success)  # the write it did is complete
@@ -307,11 +316,7 @@ async def test_undecided_writes_get_the_shutdown_error(tmp_path: Path) -> None:
 @on_virtual_time
 async def test_shutdown_after_fail_still_waits(tmp_path: Path) -> None:
     worker = Worker()
-    raft, _ = await follower(tmp_path, worker)
-    worker.hold.add("append")
-    rpc = AppendEntriesRequest(leader_vote(1, 1), None, first_entries(), None)
-    handler = asyncio.create_task(raft.append_entries(rpc))
-    await worker.entered.wait()
+    raft, _, handler = await follower_appending(tmp_path, worker)
     raft.fail("a test said so")
     assert raft.metrics().state is ServerState.SHUTDOWN
     assert await shutdown_while_held(raft, worker) == 0
