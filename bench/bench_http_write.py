@@ -1,7 +1,7 @@
 """POST /write to a 3-node cluster of ``raft-http node`` processes, beside bare aiohttp.
 
     python bench/bench_http_write.py [--quick | --smoke] [--runs N] [--clients 1,128]
-                                     [--baseline-ref REV]
+                                     [--baseline-ref REV] [--uvloop]
 
 Three ``raft-http node`` processes (SQLite log, fsync on every append batch) and one
 load generator process with 1, 16, 64 and 256 clients over one keep-alive pool,
@@ -13,6 +13,10 @@ aiohttp server process that reads each body and answers a fixed JSON document.
 temporary worktree of commit REV (see ``_baseline.py``), interleaved with the others,
 and a table of ratios against it (the issue-8 baseline is ee6e96d, main before the
 core's rework began).
+
+``--uvloop`` adds two more sides, interleaved the same way: the cluster run with
+``raft-http node --event-loop uvloop`` and the bare server on uvloop, with a table of
+each against its asyncio twin. The load generator stays on asyncio for every side.
 """
 
 from __future__ import annotations
@@ -84,12 +88,17 @@ def options(parser: argparse.ArgumentParser) -> None:
         metavar="REV",
         help="also run the cluster from a worktree of REV, interleaved, and give ratios",
     )
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="also run the cluster and the bare server on uvloop, interleaved, and give ratios",
+    )
 
 
 def main() -> None:
     args, size = parse_args(__doc__, extra=options)
     report = Report("bench_http_write", size, "POST /write: 3 raft-http node processes vs bare")
-    (bare_port,) = free_ports(1)
+    bare_port, bare_uvloop_port = free_ports(2)
     baseline = args.baseline_ref
     with (
         Children(args.out / "logs") as kids,
@@ -112,6 +121,22 @@ def main() -> None:
         }
         if base_src is not None:
             clusters["baseline"] = start_cluster(Path(tmp) / "baseline", src=base_src)
+        if args.uvloop:
+            bare_uvloop = kids.spawn(
+                "bare-write-uvloop",
+                [
+                    sys.executable,
+                    str(BENCH / "_servers.py"),
+                    "bare",
+                    "--port",
+                    str(bare_uvloop_port),
+                    "--uvloop",
+                ],
+            )
+            wait_port(bare_uvloop_port, bare_uvloop)
+            clusters["uvloop"] = start_cluster(
+                Path(tmp) / "uvloop", extra=["--event-loop", "uvloop"]
+            )
         try:
             node_pids = {
                 path: [c.procs[n].pid for n in (1, 2, 3)] for path, (c, _) in clusters.items()
@@ -121,6 +146,9 @@ def main() -> None:
                 for path, (c, leader) in clusters.items()
             }
             targets["bare"] = (f"http://127.0.0.1:{bare_port}/write", [bare.pid])
+            if args.uvloop:
+                url = f"http://127.0.0.1:{bare_uvloop_port}/write"
+                targets["bare-uvloop"] = (url, [bare_uvloop.pid])
             gens = {path: LoadGen(kids, f"loadgen-write-{path}") for path in targets}
             cells: list[dict[str, Any]] = []
             for clients in args.clients:
@@ -157,6 +185,8 @@ def main() -> None:
     if baseline:
         report.data["baseline_ref"] = describe(baseline)
         report.data["baseline_leader_changed"] = "baseline" in changed
+    if args.uvloop:
+        report.data["uvloop_leader_changed"] = "uvloop" in changed
 
     rows = []
     for cell in cells:
@@ -203,6 +233,8 @@ def main() -> None:
     )
     if baseline:
         baseline_table(report, cells, size.runs, size.seconds)
+    if args.uvloop:
+        uvloop_table(report, cells, size.runs, size.seconds)
     report.save(args.out)
 
 
@@ -248,6 +280,49 @@ def baseline_table(report: Report, cells: list[dict[str, Any]], runs: int, secon
         " within each run; a ratio divides the two runs of the same turn. The baseline's"
         " leader stayed the same throughout: "
         f"{'no' if report.data['baseline_leader_changed'] else 'yes'}.",
+    )
+
+
+def uvloop_table(report: Report, cells: list[dict[str, Any]], runs: int, seconds: float) -> None:
+    """The cluster and the bare server on uvloop, each against its asyncio twin."""
+    rows = []
+    for cell in cells:
+        sides = cell["runs"]
+        ours, fast = sides["raft-http"], sides["uvloop"]
+        bare, bare_fast = sides["bare"], sides["bare-uvloop"]
+        pairs = list(zip(fast, ours, strict=True))
+        rows.append(
+            [
+                cell["clients"],
+                fmt_spread([r["rate"] for r in ours]),
+                fmt_spread([r["rate"] for r in fast]),
+                fmt_spread([a["rate"] / b["rate"] for a, b in pairs]),
+                fmt_spread([pq(a, 50) / pq(b, 50) for a, b in pairs]),
+                fmt_spread([a["rate"] / b["rate"] for a, b in zip(bare_fast, bare, strict=True)]),
+                fmt_spread([a["rate"] / b["rate"] for a, b in zip(fast, bare_fast, strict=True)]),
+                refused(fast),
+                f"{spread([r['server_cpu'] for r in fast])[0]:.0%} / "
+                f"{spread([r['all_cpu'] for r in fast])[0]:.0%}",
+            ]
+        )
+    report.table(
+        "POST /write, the nodes on uvloop (raft-http node --event-loop uvloop) vs asyncio",
+        [
+            "clients",
+            "asyncio writes/s",
+            "uvloop writes/s",
+            "uvloop x asyncio",
+            "p50 uvloop x asyncio",
+            "bare uvloop x asyncio",
+            "uvloop nodes x uvloop bare",
+            "uvloop refused",
+            "uvloop CPU leader / 3 nodes",
+        ],
+        rows,
+        f"Median (min-max) of {runs} runs of {seconds:g} s each, every side taking turns"
+        " within each run; a ratio divides two runs of the same turn. The load generator"
+        " runs on asyncio for every side. The uvloop cluster's leader stayed the same"
+        f" throughout: {'no' if report.data['uvloop_leader_changed'] else 'yes'}.",
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import HOST, free_ports, http, wait_for
+from cluster_helpers import HOST, ProcessCluster, free_ports, http, wait_for
 from raft_http.kv.cli import build_parser, node_config, serve
 from raft_http.kv.datadir import IDENTITY_FILE, DataDirError
 from raft_http.kv.node import KVNode
@@ -162,6 +162,7 @@ def test_cli_port_in_use_names_the_address_and_leaves_nothing(tmp_path: Path) ->
         (["--advertise", "ftp://h:1"], "--advertise"),
         (["--listen", "127.0.0.1:0"], "--listen"),
         (["--listen", "127.0.0.1:70000"], "--listen"),
+        (["--event-loop", "trio"], "--event-loop"),
     ],
 )
 def test_cli_refuses_bad_options(tmp_path: Path, args: list[str], fragment: str) -> None:
@@ -230,6 +231,34 @@ def test_cli_names_the_culprit(tmp_path: Path) -> None:
         assert message in proc.stderr, proc.stderr
         assert "Errno" not in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_node_runs_on_uvloop_when_asked(tmp_path: Path) -> None:
+    cluster = ProcessCluster(tmp_path, [1], ["--event-loop", "uvloop"])
+    try:
+        cluster.start_all()
+        cluster.call(1, "/init", [[1, cluster.addr(1)]], timeout=30)
+        cluster.wait_leader()
+        cluster.write(1, "k", "v")
+        assert cluster.call(1, "/read", "k") == {"value": "v"}
+    finally:
+        cluster.close()
+    assert b"keep 1000; uvloop loop)" in cluster.log_path(1).read_bytes()
+
+
+def test_uvloop_without_the_extra_is_a_clear_error(tmp_path: Path) -> None:
+    argv = _node_argv(1, 1, tmp_path / "d", "--event-loop", "uvloop")
+    hide_uvloop = (
+        "import sys; sys.modules['uvloop'] = None; from raft_http.kv.cli import main; "
+        f"sys.exit(main({argv!r}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", hide_uvloop], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--event-loop uvloop needs uvloop: pip install 'raft-http[uvloop]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "d").exists()
 
 

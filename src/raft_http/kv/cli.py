@@ -19,7 +19,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -276,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a connection with no request in flight after this (default: %(default)s)",
     )
     node.add_argument(
+        "--event-loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="the event loop the node runs on; uvloop needs the uvloop extra "
+        "(pip install 'raft-http[uvloop]') (default: %(default)s)",
+    )
+    node.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -397,13 +404,14 @@ async def run_node(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     logger.info(
-        "starting node %d on %s:%d, data in %s (snapshot every %d logs, keep %d)",
+        "starting node %d on %s:%d, data in %s (snapshot every %d logs, keep %d; %s loop)",
         args.id,
         host,
         port,
         args.data_dir,
         args.snapshot_logs,
         args.keep_logs,
+        type(loop).__module__.partition(".")[0],  # the loop running, not the option's name
     )
     await node.start()
     logger.info("node %d ready at %s", args.id, node.url)
@@ -450,15 +458,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--heartbeat-interval must be less than --election-timeout")
     if args.command != "node":
         return run_admin(args)
+    loop_factory = _loop_factory(parser, args.event_loop)
     _setup_logging(args)
     try:
-        return asyncio.run(run_node(args))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(run_node(args))
     except DataDirError as e:
         logger.error("cannot run node %d: %s", args.id, e)
         return 1
     except OSError as e:
         logger.error("cannot run node %d: %s", args.id, _os_error(e, args))
         return 1
+
+
+def _loop_factory(
+    parser: argparse.ArgumentParser, name: str
+) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``None`` for asyncio's own loop; uvloop's only if it is installed (an extra)."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        parser.error("--event-loop uvloop needs uvloop: pip install 'raft-http[uvloop]'")
+    return uvloop.new_event_loop
 
 
 _RAFT_CONTEXT = RaftContext(lambda: None)
