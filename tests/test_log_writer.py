@@ -245,6 +245,59 @@ async def test_a_follower_writes_requests_that_arrive_during_a_write_in_one_fsyn
         await raft.shutdown()
 
 
+async def test_the_followed_leaders_append_survives_its_callers_cancellation(
+    tmp_path: Path,
+) -> None:
+    """From the leader it follows, a follower decides an AppendEntries in the caller's own
+    task (no task, no lock: ``Raft._append_steady``). A caller cancelled while the write
+    is on its way must leave the write, and the node, as they were."""
+    raft, store, _ = await gated_follower(tmp_path)
+    try:
+        store.gate.clear()
+        call = asyncio.create_task(
+            raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None))
+        )
+        await wait_until(lambda: store.waiting == 1, "the write")
+        assert raft.log.last_index == 4
+        assert not raft._rpc_tasks  # decided in the caller's task
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        store.gate.set()
+        # The write went on: a request vouching for index 4 is answered Success.
+        after = append_rpc(lid(1, 4), entries(1, 5, 6), None)
+        assert isinstance(await raft.append_entries(after), Success)
+        assert store.appends() == [[3, 4], [5]]
+        assert raft.metrics().running
+    finally:
+        await raft.shutdown()
+
+
+async def test_a_request_waiting_for_the_lock_is_not_overtaken(tmp_path: Path) -> None:
+    """A request that must wait for the core's lock is decided before the ones after it,
+    though those could be decided at once (as ``_append_steady`` does once the lock is
+    free): a pipelined stream's requests follow each other, and the later one's
+    ``prev_log_id`` is the earlier one's last entry."""
+    raft, store, _ = await gated_follower(tmp_path)
+    try:
+        await raft._lock.acquire()  # another handler deciding (a vote being saved, say)
+        first = asyncio.create_task(
+            raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None))
+        )
+        for _ in range(3):  # it takes the locked path and waits for the lock
+            await asyncio.sleep(0)
+        second = asyncio.create_task(
+            raft.append_entries(append_rpc(lid(1, 4), entries(1, 5, 7), None))
+        )
+        raft._lock.release()  # ``second`` runs before ``first`` wakes up
+        answers = await asyncio.gather(first, second)
+        assert [type(a) for a in answers] == [Success, Success]
+        assert raft.log.last_index == 6
+        assert store.appends() in ([[3, 4, 5, 6]], [[3, 4], [5, 6]])  # in order, once each
+    finally:
+        await raft.shutdown()
+
+
 async def test_a_heartbeat_is_answered_only_once_the_log_it_vouches_for_is_durable(
     tmp_path: Path,
 ) -> None:
@@ -442,5 +495,7 @@ async def test_shutdown_waits_for_the_log_write_in_progress(tmp_path: Path) -> N
     assert not stopping.done()
     store.gate.set()
     await asyncio.wait_for(stopping, 5)
+    # Decided without a task of its own (``_append_steady``), the request still ended first.
+    assert answer.done(), "shutdown returned before the AppendEntries handler ended"
     assert [e.log_id.index for e in await store.read_entries(0, 10)] == list(range(5))
     assert isinstance(await answer, Success)

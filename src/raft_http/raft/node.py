@@ -6,9 +6,12 @@ imports aiohttp. It implements ``RaftHandler``, so any transport's server can
 hand it incoming RPCs.
 
 Concurrency: one asyncio loop. ``_lock`` serialises every decision on the vote or the
-log; the storage writes those decisions need run in order on a ``LogWriter``, which
-groups appends into one fsync, and are awaited outside ``_lock`` where an answer
-depends on them. ``_sm_lock`` serialises the state machine (apply, snapshot capture,
+log that awaits in its middle; the storage writes those decisions need run in order
+on a ``LogWriter``, which groups appends into one fsync, and are awaited outside
+``_lock`` where an answer depends on them. A decision with no await cannot interleave
+with another: a follower's AppendEntries from the leader it follows, the common case,
+is made in the caller's task without the lock when nothing holds it
+(``_append_steady``). ``_sm_lock`` serialises the state machine (apply, snapshot capture,
 snapshot install). Lock order: ``_lock`` before ``_sm_lock``.
 
 Committed entries are applied from the in-memory log, also when this node's own copy
@@ -173,6 +176,8 @@ class Raft:
         self._snapshot_task: asyncio.Task[None] | None = None
         self._leader_rpcs = 0
         """AppendEntries / snapshots from the leader this node follows, being handled now."""
+        self._appends_locked = 0
+        """AppendEntries taking the locked path (``_handle_append_entries``), not yet done."""
 
         self._lock = asyncio.Lock()
         self._sm_lock = asyncio.Lock()
@@ -732,9 +737,52 @@ class Raft:
 
     async def append_entries(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
         self._check_running()
-        return await self._uncancellable(
-            self._hearing_leader(rpc.vote, self._handle_append_entries(rpc))
+        if self._steady(rpc.vote):
+            return await self._append_steady(rpc)
+        self._appends_locked += 1
+        try:
+            return await self._uncancellable(
+                self._hearing_leader(rpc.vote, self._handle_append_entries(rpc))
+            )
+        finally:
+            self._appends_locked -= 1
+
+    def _steady(self, vote: Vote) -> bool:
+        """The common case: from the leader this node follows, with nothing else deciding.
+
+        Then the decision needs no await (no vote to save), so it is made at once in the
+        caller's task: no task, no lock. Not while another AppendEntries waits for the
+        lock, which would let this one overtake it.
+        """
+        return (
+            vote == self._vote
+            and vote.committed
+            and self._leader is None
+            and self._stopped is None
+            and not self._appends_locked
+            and not self._lock.locked()
         )
+
+    async def _append_steady(self, rpc: AppendEntriesRequest) -> AppendEntriesResponse:
+        """``_handle_append_entries`` without the lock or a task: see ``_steady``.
+
+        Cancelling the caller cancels only its wait: the decision is already made and
+        the write queued. Shutdown waits for the writer, so this call has its answer, or
+        ``Fatal`` for a write the writer dropped, before shutdown returns.
+        """
+        if (malformed := rpc.shape_error()) is not None:
+            raise InvalidRequest(malformed)
+        self._follow(rpc.vote)
+        decided = self._decide_append(rpc)
+        if not isinstance(decided, asyncio.Future):
+            return decided
+        self._leader_rpcs += 1
+        try:
+            await asyncio.shield(decided)  # shared by every request the write covers
+        finally:
+            self._leader_rpcs -= 1
+            self._heard_leader(rpc.vote)
+        return Success()
 
     async def install_full_snapshot(self, vote: Vote, snapshot: Snapshot) -> SnapshotResponse:
         """``snapshot.data`` stays the caller's: this returns, even when cancelled, only
@@ -761,10 +809,13 @@ class Raft:
             return await work
         finally:
             self._leader_rpcs -= 1
-            if self._vote == vote and self._leader is None:
-                self._leader_heard_at = self._loop.time()
-                self._lease_until = self._leader_heard_at + self.config.election_timeout_min
-                self._reset_election_deadline()
+            self._heard_leader(vote)
+
+    def _heard_leader(self, vote: Vote) -> None:
+        if self._vote == vote and self._leader is None:
+            self._leader_heard_at = self._loop.time()
+            self._lease_until = self._leader_heard_at + self.config.election_timeout_min
+            self._reset_election_deadline()
 
     async def handle_transfer_leader(self, rpc: TransferLeaderRequest) -> None:
         """The leader hands over: once the log holds ``rpc.last_log_id``, campaign at once."""
@@ -863,21 +914,31 @@ class Raft:
                 raise InvalidRequest(malformed)
             if not await self._accept_leader(rpc.vote):
                 return HigherVote(self._vote)
-            prev = rpc.prev_log_id
-            if prev_log_conflicts(self.log, prev):
-                return Conflict()
-            self._append_from_leader(rpc.entries)
-            last_matching = rpc.entries[-1].log_id if rpc.entries else prev
-            upto = follower_commit_index(
-                rpc.leader_commit, last_matching, log_index(self.committed)
-            )
-            if upto is not None:
-                self.committed = self.log.log_id_at(upto)
-                self._commit_event.set()
-            self._notify()
-            durable = self._writer.sync()
-        await durable  # the whole log up to last_matching, so the leader may count it
+            decided = self._decide_append(rpc)
+        if not isinstance(decided, asyncio.Future):
+            return decided
+        await decided
         return Success()
+
+    def _decide_append(
+        self, rpc: AppendEntriesRequest
+    ) -> AppendEntriesResponse | asyncio.Future[None]:
+        """Reconcile the log with the leader's (no await: nothing can interleave).
+
+        Returns the answer, or the future to await before answering ``Success``: the
+        whole log up to the request's last entry durable, so the leader may count it.
+        """
+        prev = rpc.prev_log_id
+        if prev_log_conflicts(self.log, prev):
+            return Conflict()
+        self._append_from_leader(rpc.entries)
+        last_matching = rpc.entries[-1].log_id if rpc.entries else prev
+        upto = follower_commit_index(rpc.leader_commit, last_matching, log_index(self.committed))
+        if upto is not None:
+            self.committed = self.log.log_id_at(upto)
+            self._commit_event.set()
+        self._notify()
+        return self._writer.sync()
 
     async def _accept_leader(self, vote: Vote) -> bool:
         """With ``_lock`` held: follow the sender of ``vote`` unless ours is greater."""
@@ -887,6 +948,11 @@ class Raft:
             await self._save_vote(vote)
         if self._leader is not None and vote.leader_id.node_id != self.id:
             self._stop_leading("another leader")
+        self._follow(vote)
+        return True
+
+    def _follow(self, vote: Vote) -> None:
+        """Follow the sender of ``vote``, already this node's vote (saved or being saved)."""
         if self._state is ServerState.CANDIDATE:
             self._state = ServerState.FOLLOWER
         self._leader_id = vote.leader_id.node_id
@@ -894,7 +960,6 @@ class Raft:
         self._lease_until = self._leader_heard_at + self.config.election_timeout_min
         self._reset_election_deadline()
         self._update_role()
-        return True
 
     def _append_from_leader(self, entries: list[Entry]) -> None:
         """Skip what we hold, truncate at the first conflict, append the rest (queued writes)."""
