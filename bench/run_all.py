@@ -241,21 +241,31 @@ def main() -> None:
         "each ratio is taken between a run and its baseline's run next to it (runs "
         "interleaved), so ratios are what to compare between machines.",
         "",
-        f"Command: `{cmd}` ({size} size; {'; '.join(walls)}).",
+        f"Command: `{cmd}` ({'; '.join([f'{size} size', *walls])}).",
         "",
         f"Machine: `nproc` = {m['nproc']}, Python {m['python']}, aiohttp {m['aiohttp']}, "
         f"msgspec {m['msgspec']}, PySyncObj {m['pysyncobj']}, uvloop {m['uvloop']}; "
         f"{m['platform']}; {m['date']}.",
         "",
-        f"Load average (1 min) before: {before['loadavg'][0]}, after: {after['loadavg'][0]}."
-        + (
-            " **The machine was shared with other work while measuring**: absolute figures "
-            "are low and noisy; the interleaved ratios are the figures to read."
-            if busy
-            else ""
-        ),
-        "",
     ]
+    if not walls:
+        head += [
+            "This command ran no benchmark: every section below is kept from its own run,"
+            " and gives that run's command, time and load average.",
+            "",
+        ]
+    else:
+        head += [
+            f"Load average (1 min) before: {before['loadavg'][0]}, after: "
+            f"{after['loadavg'][0]}."
+            + (
+                " **The machine was shared with other work while measuring**: absolute "
+                "figures are low and noisy; the interleaved ratios are the figures to read."
+                if busy
+                else ""
+            ),
+            "",
+        ]
     if made:
         head += ["## Plots", ""] + [f"- [{t}]({f})" for t, f in made] + [""]
         head += [f"![{t}]({f})" for t, f in made] + [""]
