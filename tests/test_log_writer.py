@@ -18,7 +18,15 @@ from raft_http.raft import MemoryLogStore, Raft, SnapshotStore
 from raft_http.raft.log_writer import LogWriter
 from raft_http.raft.storage import StorageError
 from raft_http.testing import ListStateMachine
-from raft_http.types import AppendEntriesRequest, Entry, LogId, Success, Vote, VoteRequest
+from raft_http.types import (
+    AppendEntriesRequest,
+    AppendEntriesResponse,
+    Entry,
+    LogId,
+    Success,
+    Vote,
+    VoteRequest,
+)
 from test_leader_flush import wait_until
 from test_raft_review import initial_entry, leader_vote, lid, lone_follower, normal
 
@@ -217,16 +225,21 @@ async def gated_follower(tmp_path: Path) -> tuple[Raft, GatedStore, ListStateMac
     return raft, store, machine
 
 
+async def write_held(raft: Raft, store: GatedStore) -> asyncio.Task[AppendEntriesResponse]:
+    """The AppendEntries of entries 3 and 4, started with the store's gate closed: its
+    task, once its write waits at the gate."""
+    store.gate.clear()
+    task = asyncio.create_task(raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None)))
+    await wait_until(lambda: store.waiting == 1, "the write")
+    return task
+
+
 async def test_a_follower_writes_requests_that_arrive_during_a_write_in_one_fsync(
     tmp_path: Path,
 ) -> None:
     raft, store, _ = await gated_follower(tmp_path)
     try:
-        store.gate.clear()
-        answers = [
-            asyncio.create_task(raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None)))
-        ]
-        await wait_until(lambda: store.waiting == 1, "the first write")
+        answers = [await write_held(raft, store)]
         answers += [
             asyncio.create_task(
                 raft.append_entries(append_rpc(lid(1, i - 1), entries(1, i, i + 2), None))
@@ -253,11 +266,7 @@ async def test_the_followed_leaders_append_survives_its_callers_cancellation(
     is on its way must leave the write, and the node, as they were."""
     raft, store, _ = await gated_follower(tmp_path)
     try:
-        store.gate.clear()
-        call = asyncio.create_task(
-            raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None))
-        )
-        await wait_until(lambda: store.waiting == 1, "the write")
+        call = await write_held(raft, store)
         assert raft.log.last_index == 4
         assert not raft._rpc_tasks  # decided in the caller's task
         call.cancel()
@@ -303,11 +312,7 @@ async def test_a_heartbeat_is_answered_only_once_the_log_it_vouches_for_is_durab
 ) -> None:
     raft, store, _ = await gated_follower(tmp_path)
     try:
-        store.gate.clear()
-        write = asyncio.create_task(
-            raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None))
-        )
-        await wait_until(lambda: store.waiting == 1, "the write")
+        write = await write_held(raft, store)
         # Success for this empty request tells the leader that index 4 matches: not yet true.
         heartbeat = asyncio.create_task(raft.append_entries(append_rpc(lid(1, 4), [], None)))
         await asyncio.sleep(0.02)
@@ -487,9 +492,7 @@ async def test_a_follower_storage_error_fails_the_request_and_the_node(tmp_path:
 
 async def test_shutdown_waits_for_the_log_write_in_progress(tmp_path: Path) -> None:
     raft, store, _ = await gated_follower(tmp_path)
-    store.gate.clear()
-    answer = asyncio.create_task(raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None)))
-    await wait_until(lambda: store.waiting == 1, "the write")
+    answer = await write_held(raft, store)
     stopping = asyncio.create_task(raft.shutdown())
     await asyncio.sleep(0.02)
     assert not stopping.done()
