@@ -74,6 +74,8 @@ class FakeRaft:
                 await self.changed.wait()
         return self.metrics()
 
+    wait_for_server = wait_for  # wakes at every change: a superset of the server's
+
 
 def log(index: int) -> Any:
     return SimpleNamespace(index=index)

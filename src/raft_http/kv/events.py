@@ -100,7 +100,7 @@ class RaftEventLog:
         while before.running:
             seen = _facts(before)
             try:
-                after: RaftMetrics = await raft.wait_for(
+                after: RaftMetrics = await raft.wait_for_server(
                     lambda m, seen=seen: _facts(m) != seen, timeout=3600.0
                 )
             except TimeoutError:

@@ -201,12 +201,13 @@ class NodeInstruments:
                 self.ready_at_index = max(_index(m.committed) or 0, self.ready_at_index)
             if learned and (_index(m.last_applied) or 0) >= self.ready_at_index:
                 self.ready = True
-            # Once ready, the commit and apply indexes no longer matter here: not waking
-            # for them spares this task two wake-ups per write.
+            # Once ready, the commit and apply indexes no longer matter here: waiting for
+            # the server fields only, this task no longer wakes at every write.
             watched = _watched_ready if self.ready else _watched
+            wait = raft.wait_for_server if self.ready else raft.wait_for
             seen = watched(m)
             try:
-                m = await raft.wait_for(lambda new, w=watched, s=seen: w(new) != s, timeout=5.0)
+                m = await wait(lambda new, w=watched, s=seen: w(new) != s, timeout=5.0)
             except TimeoutError:
                 m = raft.metrics()
         self.ready = False

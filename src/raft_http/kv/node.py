@@ -249,7 +249,7 @@ class KVNode:
         """Wait until the core stops after a fatal error; answers the reason."""
         while True:
             try:
-                metrics = await self.raft.wait_for(lambda m: m.fatal is not None, 3600.0)
+                metrics = await self.raft.wait_for_server(lambda m: m.fatal is not None, 3600.0)
             except TimeoutError:
                 continue
             return metrics.fatal or "fatal error"

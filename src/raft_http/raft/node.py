@@ -183,6 +183,10 @@ class Raft:
         self._sm_lock = asyncio.Lock()
         self._membership_lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        """Set, and replaced, at every change (``_notify``): what ``wait_for`` waits on."""
+        self._server_changed = asyncio.Event()
+        """Set, and replaced, only when a server fact changes (``wait_for_server``)."""
+        self._server_facts_seen: tuple[Any, ...] = ()
         self._metrics_of_change: tuple[asyncio.Event, RaftMetrics] | None = None
         """``metrics()`` as computed after the change ``_changed`` stands for (see wait_for)."""
         self._commit_event = asyncio.Event()
@@ -408,6 +412,22 @@ class Raft:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        facts = self._server_facts()
+        if facts != self._server_facts_seen:
+            self._server_facts_seen = facts
+            self._server_changed.set()
+            self._server_changed = asyncio.Event()
+
+    def _server_facts(self) -> tuple[Any, ...]:
+        """What the metrics' server fields derive from (see ``wait_for_server``)."""
+        return (
+            self._vote,
+            self._state,
+            self._leader_id,
+            self.membership,
+            self._running,
+            self._fatal,
+        )
 
     def _reset_election_deadline(self) -> None:
         uniform = random.uniform if self._rng is None else self._rng.uniform
@@ -484,9 +504,28 @@ class Raft:
         self, predicate: Callable[[RaftMetrics], bool], timeout: float, msg: str = ""
     ) -> RaftMetrics:
         """Wait until ``predicate(metrics)`` holds; ``TimeoutError`` after ``timeout`` seconds."""
+        return await self._wait_metrics(predicate, timeout, msg, server=False)
+
+    async def wait_for_server(
+        self, predicate: Callable[[RaftMetrics], bool], timeout: float, msg: str = ""
+    ) -> RaftMetrics:
+        """``wait_for`` for a predicate of the server fields only, woken only when they change.
+
+        The server fields (Openraft's ``RaftServerMetrics``) are ``id``, ``state``,
+        ``current_term``, ``vote``, ``current_leader``, ``membership_config``, ``running``
+        and ``fatal``. ``wait_for`` re-checks its predicate after every change, several
+        per write; a long-lived watcher of leadership or membership (an event log, a
+        probe, a fatal-error watch) need not. A predicate that reads other fields is
+        checked only when a server field changes, so it may see them late.
+        """
+        return await self._wait_metrics(predicate, timeout, msg, server=True)
+
+    async def _wait_metrics(
+        self, predicate: Callable[[RaftMetrics], bool], timeout: float, msg: str, *, server: bool
+    ) -> RaftMetrics:
         try:
             async with asyncio.timeout(timeout):
-                changed = self._changed
+                changed = self._server_changed if server else self._changed
                 metrics = self.metrics()
                 while True:
                     if predicate(metrics):
@@ -494,8 +533,8 @@ class Raft:
                     if self._stopped is not None:  # its metrics change no more
                         self._check_running()
                     await changed.wait()
-                    changed = self._changed
-                    metrics = self._metrics_after_change(changed)
+                    changed = self._server_changed if server else self._changed
+                    metrics = self._metrics_after_change(self._changed)
         except TimeoutError:
             raise TimeoutError(
                 f"node {self.id}: timed out after {timeout}s waiting for {msg or 'a condition'}"
