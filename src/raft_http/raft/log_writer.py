@@ -70,7 +70,6 @@ class LogWriter:
         self._on_error = on_error
         self._queue: collections.deque[_Op] = collections.deque()
         self._wake = asyncio.Event()
-        self._io: asyncio.Task[None] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._last: asyncio.Future[None] | None = None
         self._failed: str | None = None
@@ -144,12 +143,12 @@ class LogWriter:
                 await self._wake.wait()
                 continue
             ops = self._take()
-            self._io = self._loop.create_task(self._write(ops))
-            self._io.add_done_callback(_consume)  # also when the writer was cancelled
             try:
-                # Shielded: a cancelled writer (``fail``) leaves the store call to finish,
-                # and ``stop`` still waits for it.
-                await asyncio.shield(self._io)
+                # In this task, not one of its own: ``stop`` waits for this task, so for the
+                # write in progress. The node never cancels it (``Raft._stop`` and ``fail``
+                # leave it out); if anything else does, the store call still runs to its
+                # end, and the node's ``StorageCalls.drain`` waits for that.
+                await self._write(ops)
             except StorageError as e:
                 self._fail(f"{ops[0].what} failed: {e}", ops)
                 self._on_error(self._failed or str(e))
@@ -157,7 +156,6 @@ class LogWriter:
             except asyncio.CancelledError:
                 self._fail("the node stopped", ops)
                 raise
-            self._io = None
             self.batches += 1
             self.flushed = self._flushed_after(ops[-1])
             for op in ops:
@@ -212,12 +210,9 @@ class LogWriter:
         """Finish the write in progress and fail what is queued behind it; ``run`` then ends."""
         self._fail(reason, [])
         self._wake.set()
-        io = self._io
-        if io is not None:
-            await asyncio.gather(io, return_exceptions=True)
         task = self._task
         if task is not None and task is not asyncio.current_task():
-            # It settles the futures of the write that just finished, then ends.
+            # It finishes the write in progress, settles its futures, then ends.
             await asyncio.gather(task, return_exceptions=True)
 
 
