@@ -146,8 +146,9 @@ class LogWriter:
             try:
                 # In this task, not one of its own: ``stop`` waits for this task, so for the
                 # write in progress. The node never cancels it (``Raft._stop`` and ``fail``
-                # leave it out); if anything else does, the store call still runs to its
-                # end, and the node's ``StorageCalls.drain`` waits for that.
+                # leave it out). Cancelled by anything else (an event loop torn down without
+                # ``shutdown``), it fails the write's futures and does not wait for the
+                # store call; ``SqliteLogStore.close`` still runs after it, on the same thread.
                 await self._write(ops)
             except StorageError as e:
                 self._fail(f"{ops[0].what} failed: {e}", ops)
