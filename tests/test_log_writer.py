@@ -208,6 +208,28 @@ async def test_stop_waits_for_the_write_in_progress_and_fails_the_queue() -> Non
     await asyncio.wait_for(w.task, 5)
 
 
+async def test_a_writer_cancelled_mid_write_fails_that_write_and_all_after_it() -> None:
+    """The node never cancels its writer; whatever else does (an event loop torn down
+    without ``shutdown``) must leave no future hanging, nor a later write accepted."""
+    w = Writer()
+    w.store.gate.clear()
+    first = w.writer.append(entries(1, 0, 2))
+    await wait_until(lambda: w.store.waiting == 1, "the first write")
+    queued = w.writer.append(entries(1, 2, 3))
+    w.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w.task
+    for future in (first, queued):
+        with pytest.raises(Fatal, match="the node stopped"):
+            await future
+    with pytest.raises(Fatal, match="the node stopped"):
+        await w.writer.append(entries(1, 3, 4))
+    with pytest.raises(Fatal, match="the node stopped"):
+        await w.writer.sync()
+    await asyncio.wait_for(w.writer.stop(), 5)  # returns: nothing is left to wait for
+    assert w.errors == []  # a cancellation is not a storage error
+
+
 # --- the follower's side ---------------------------------------------------------------
 
 
