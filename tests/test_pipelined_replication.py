@@ -12,7 +12,7 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -174,6 +174,51 @@ async def test_window_survives_a_partitioned_and_returning_follower(
     acked += await asyncio.gather(*(leader.client_write(cmd(320 + i)) for i in range(80)))
     await cluster.wait_applied(max(r.log_id.index for r in acked), timeout=10)
     assert_same_logs(cluster, 400)
+
+
+@on_virtual_time
+async def test_a_batch_proposed_a_loop_turn_later_joins_the_request_being_built(
+    cluster: Cluster, delay_line: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Woken to send, the replicator lets the proposer's next batch join its request.
+
+    A follower pays per request more than per entry, so two batches proposed one loop
+    turn apart, with a request already in flight, travel to each follower as one.
+    """
+    leader = await cluster.initialized([1, 2, 3])
+    await leader.client_write(cmd(-1))  # every follower replicating, not probing
+    sent: list[tuple[int | None, list[int]]] = []
+    original = DelayLine.send
+
+    def recording(
+        self: DelayLine, rpc: AppendEntriesRequest
+    ) -> asyncio.Future[AppendEntriesResponse]:
+        if rpc.entries:
+            sent.append((self.network.target, [e.log_id.index for e in rpc.entries]))
+        return original(self, rpc)
+
+    monkeypatch.setattr(DelayLine, "send", recording)
+    batches: list[int] = []
+    append_as_leader = leader._append_as_leader
+
+    def counted(batch: list[Any]) -> None:
+        batches.append(len(batch))
+        append_as_leader(batch)
+
+    monkeypatch.setattr(leader, "_append_as_leader", counted)
+    first = asyncio.create_task(leader.client_write(cmd(0)))
+    await asyncio.sleep(0.001)  # its request is in flight (the line takes LATENCY)
+    second = asyncio.create_task(leader.client_write(cmd(1)))
+    await asyncio.sleep(0)
+    third = asyncio.create_task(leader.client_write(cmd(2)))
+    done = await asyncio.gather(first, second, third)
+    a, b, c = (r.log_id.index for r in done)
+    assert batches == [1, 1, 1], f"proposer batches {batches}: the test proves nothing"
+    followers = sorted(i for i in cluster.nodes if i != leader.id)
+    for target in followers:
+        requests = [indexes for t, indexes in sent if t == target]
+        assert requests[0] == [a], requests
+        assert [b, c] in requests, f"to node {target}: {requests}"
 
 
 # --- over HTTP: the WebSocket stream ------------------------------------------------------

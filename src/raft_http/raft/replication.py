@@ -78,6 +78,34 @@ class _InFlight:
         self.size = _wire_size(rpc.entries)
 
 
+class _Wake:
+    """The flag that tells a replicator there is more to send (an ``asyncio.Event``
+    without a task per wait): ``set`` completes the replicator's waiting future, if any."""
+
+    __slots__ = ("_set", "waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self.waiter: asyncio.Future[bool] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._set = False
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
 def _wire_size(entries: list[Entry]) -> int:
     return sum(
         ENTRY_OVERHEAD_BYTES + (len(e.payload.data) if isinstance(e.payload, Normal) else 0)
@@ -95,7 +123,7 @@ class Replicator:
         self.node = node
         self.network = network
         self.progress = Progress(raft.log.last_index + 1, raft.config.max_payload_entries)
-        self.wake = asyncio.Event()
+        self.wake = _Wake()
         self._problem: str | None = None
         self.problem: str | None = None
         """The error of the last attempt when it failed to reach the target, else None."""
@@ -203,25 +231,47 @@ class Replicator:
 
         A wake-up counts only when something could be sent on it: with the window full
         (or a snapshot waiting for it to drain), a set ``wake`` would return at once and
-        the task would spin until the oldest answer came.
+        the task would spin until the oldest answer came. One future and one timer per
+        wait, no task: the task-per-wait this replaced ran a third of the leader's
+        event-loop callbacks per sequential write.
         """
-        waits: list[asyncio.Future[object]] = []
-        if self._window:
-            waits.append(self._window[0].answer)  # type: ignore[arg-type]
-        woken: asyncio.Task[bool] | None = None
-        if not self._window or (
+        answer = self._window[0].answer if self._window else None
+        listen = answer is None or (
             self._may_send() and not self.progress.needs_snapshot(self.raft.log.last_purged)
-        ):
-            woken = asyncio.ensure_future(self.wake.wait())
-            waits.append(woken)  # type: ignore[arg-type]
-        try:
-            done, _ = await asyncio.wait(
-                waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            if woken is not None:
-                woken.cancel()
-        return bool(done)
+        )
+        if answer is not None and answer.done():
+            return True
+        if not (listen and self.wake.is_set()):
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[bool] = loop.create_future()
+
+            def answered(_: object) -> None:
+                if not waiter.done():
+                    waiter.set_result(True)
+
+            if answer is not None:
+                answer.add_done_callback(answered)
+            if listen:
+                self.wake.waiter = waiter
+            timer = loop.call_later(timeout, _expire, waiter)
+            try:
+                if not await waiter:
+                    return False
+            finally:
+                timer.cancel()
+                if answer is not None:
+                    answer.remove_done_callback(answered)
+                if listen:
+                    self.wake.waiter = None
+            if answer is not None and answer.done():
+                return True
+        # Woken to send: two loop turns first, so that a batch the proposer appends
+        # meanwhile joins this request. The task-based wait took as long; without them
+        # requests carried fewer entries and a follower's CPU per write rose 1.31x at
+        # 64 clients (it pays per request, not per entry).
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return True
 
     def _may_send(self) -> bool:
         """Etcd's flow control: one request while probing; a window once replicating."""
