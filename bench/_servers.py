@@ -2,25 +2,34 @@
 
     python bench/_servers.py raft-null --port P   # raft_app with a handler that answers at once
     python bench/_servers.py bare --port P        # bare aiohttp: reads the body, answers JSON
+    python bench/_servers.py kv-stub --port P     # a node's HTTP app over a Raft stub
 
 ``bare`` is the ceiling an HTTP/JSON transport is compared with: the same bytes
 arrive, nothing is decoded, a fixed answer goes back. ``raft-null`` decodes every
-request into its Structs (as a real node must) and encodes the answer.
+request into its Structs (as a real node must) and encodes the answer. ``kv-stub`` is
+the app ``raft-http node`` serves (``KVNode.build_app``: KV API, Raft routes, status
+page, connection guard) over a Raft whose ``client_write`` answers at once: what the
+node's HTTP stack costs beyond bare aiohttp, without replication or fsync.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
+from typing import Any
 
 from aiohttp import web
 
+from raft_http.kv.node import KVNode
+from raft_http.raft import ClientWriteResponse
 from raft_http.server import raft_app
 from raft_http.types import (
     APPEND_ENTRIES_RESPONSE,
     AppendEntriesRequest,
     AppendEntriesResponse,
     LeaderId,
+    LogId,
     Snapshot,
     SnapshotResponse,
     Success,
@@ -50,6 +59,31 @@ class NullHandler:
         return SnapshotResponse(VOTE)
 
 
+class StubRaft:
+    """Just enough of ``Raft`` for ``POST /write``: every write is applied at once."""
+
+    def __init__(self) -> None:
+        self.index = 0
+
+    async def client_write(self, data: bytes) -> ClientWriteResponse:
+        self.index += 1
+        return ClientWriteResponse(LogId(LeaderId(1, 1), self.index), None)
+
+    def metrics(self) -> Any:
+        return None
+
+    def current_vote(self) -> Vote:
+        return VOTE
+
+
+async def serve_kv_stub(port: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="kv-stub-") as data_dir:
+        node = KVNode(1, data_dir, port=port)
+        app, guard = node.build_app(StubRaft())  # type: ignore[arg-type]
+        await node.serve(app, guard)
+        await asyncio.Event().wait()
+
+
 def bare_app() -> web.Application:
     """Reads each body and answers a fixed JSON document: HTTP's own cost, nothing more."""
 
@@ -70,7 +104,7 @@ def bare_app() -> web.Application:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kind", choices=["raft-null", "bare"])
+    parser.add_argument("kind", choices=["raft-null", "bare", "kv-stub"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args()
@@ -78,6 +112,9 @@ def main() -> None:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if args.kind == "kv-stub":
+        asyncio.run(serve_kv_stub(args.port))
+        return
     app = raft_app(NullHandler()) if args.kind == "raft-null" else bare_app()
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
 

@@ -7,7 +7,10 @@ Three ``raft-http node`` processes (SQLite log, fsync on every append batch) and
 load generator process with 1, 16, 64 and 256 clients over one keep-alive pool,
 sending ``{"Set": ...}`` commands to the leader and following 307s. Beside it, in
 the same run and interleaved, the same load generator and clients against a bare
-aiohttp server process that reads each body and answers a fixed JSON document.
+aiohttp server process that reads each body and answers a fixed JSON document, and
+the node's own HTTP stack over a Raft stub that answers at once (``_servers.py
+kv-stub``): a table splits a write's CPU into bare HTTP, the node's HTTP stack, and
+what Raft adds.
 
 ``--baseline-ref REV`` adds a third side: the same three-node cluster run from a
 temporary worktree of commit REV (see ``_baseline.py``), interleaved with the others,
@@ -98,7 +101,7 @@ def options(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     args, size = parse_args(__doc__, extra=options)
     report = Report("bench_http_write", size, "POST /write: 3 raft-http node processes vs bare")
-    bare_port, bare_uvloop_port = free_ports(2)
+    bare_port, bare_uvloop_port, stub_port = free_ports(3)
     baseline = args.baseline_ref
     with (
         Children(args.out / "logs") as kids,
@@ -116,6 +119,11 @@ def main() -> None:
             ],
         )
         wait_port(bare_port, bare)
+        stub = kids.spawn(
+            "kv-stub-write",
+            [sys.executable, str(BENCH / "_servers.py"), "kv-stub", "--port", str(stub_port)],
+        )
+        wait_port(stub_port, stub)
         clusters: dict[str, tuple[ProcessCluster, int]] = {
             "raft-http": start_cluster(Path(tmp) / "current")
         }
@@ -146,6 +154,7 @@ def main() -> None:
                 for path, (c, leader) in clusters.items()
             }
             targets["bare"] = (f"http://127.0.0.1:{bare_port}/write", [bare.pid])
+            targets["node-http"] = (f"http://127.0.0.1:{stub_port}/write", [stub.pid])
             if args.uvloop:
                 url = f"http://127.0.0.1:{bare_uvloop_port}/write"
                 targets["bare-uvloop"] = (url, [bare_uvloop.pid])
@@ -231,11 +240,59 @@ def main() -> None:
         "the share of one core used during the run. The leader stayed the same throughout: "
         f"{'no' if report.data['leader_changed'] else 'yes'}.",
     )
+    stack_table(report, cells, size.runs, size.seconds)
     if baseline:
         baseline_table(report, cells, size.runs, size.seconds)
     if args.uvloop:
         uvloop_table(report, cells, size.runs, size.seconds)
     report.save(args.out)
+
+
+def us_per_call(run: dict[str, Any], key: str) -> float:
+    """CPU microseconds per answered call: ``key`` is a share of a core over the run."""
+    return float(run[key]) / run["rate"] * 1e6 if run["rate"] else float("nan")
+
+
+def stack_table(report: Report, cells: list[dict[str, Any]], runs: int, seconds: float) -> None:
+    """Where a write's CPU goes: bare HTTP, the node's HTTP stack, and Raft on top."""
+    rows = []
+    for cell in cells:
+        sides = cell["runs"]
+        stub, bare, ours = sides["node-http"], sides["bare"], sides["raft-http"]
+        rows.append(
+            [
+                cell["clients"],
+                fmt_spread([r["rate"] for r in stub]),
+                fmt_spread([a["rate"] / b["rate"] for a, b in zip(stub, bare, strict=True)]),
+                fmt_spread([us_per_call(r, "server_cpu") for r in bare]),
+                fmt_spread([us_per_call(r, "server_cpu") for r in stub]),
+                fmt_spread([us_per_call(r, "server_cpu") for r in ours]),
+                fmt_spread([us_per_call(r, "all_cpu") for r in ours]),
+                fmt_spread([us_per_call(r, "cpu") for r in bare]),
+                fmt_spread([us_per_call(r, "cpu") for r in ours]),
+            ]
+        )
+    report.table(
+        "Where a write's CPU goes: bare aiohttp, the node's HTTP stack alone, the cluster",
+        [
+            "clients",
+            "node HTTP stack req/s",
+            "x bare",
+            "bare server us/req",
+            "node HTTP stack us/req",
+            "cluster leader us/write",
+            "cluster 3 nodes us/write",
+            "load generator us/req (bare)",
+            "load generator us/req (cluster)",
+        ],
+        rows,
+        "The node HTTP stack is `bench/_servers.py kv-stub`: the app `raft-http node` serves"
+        " (`KVNode.build_app`: KV API, Raft routes, status page, connection guard) over a"
+        " Raft stub whose `client_write` answers at once, taking turns with the others in"
+        " each run. CPU microseconds (user + system, all threads) per answered request,"
+        f" median (min-max) of {runs} runs of {seconds:g} s each. What the leader spends"
+        " beyond the stack's figure is Raft: the proposal, the log, replication, apply.",
+    )
 
 
 def baseline_table(report: Report, cells: list[dict[str, Any]], runs: int, seconds: float) -> None:

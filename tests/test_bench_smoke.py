@@ -22,7 +22,10 @@ EXPECTED = {
         "### AppendEntries calls/s, separate processes",
         "### Encode and decode cost per entry",
     ],
-    "bench_http_write.py": ["### POST /write, 3 node processes (fsync on) vs bare aiohttp"],
+    "bench_http_write.py": [
+        "### POST /write, 3 node processes (fsync on) vs bare aiohttp",
+        "### Where a write's CPU goes",
+    ],
     "bench_client_write.py": ["### Writes inside the leader's process"],
     "bench_failover.py": ["### Time from kill -9 of the leader"],
     "bench_catchup.py": ["### Follower restarted behind a purged log"],

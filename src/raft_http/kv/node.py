@@ -170,8 +170,17 @@ class KVNode:
             snapshot_store,
         )
         self.events.watch(self._raft)
+        await self.serve(*self.build_app(self._raft))
+
+    def build_app(self, raft: Raft) -> tuple[web.Application, ConnectionGuard]:
+        """The node's one HTTP app over ``raft``, and the guard that ``serve`` listens with.
+
+        The KV API at the root, the Raft routes under ``/raft``, the status page and the
+        OpenAPI document, behind the connection guard. ``bench/_servers.py kv-stub``
+        builds it over a Raft stub to measure what this HTTP stack costs on its own.
+        """
         app = kv_api(
-            self._raft,
+            raft,
             self.state_machine,
             node_id=self.node_id,
             addr=self.addr,
@@ -184,7 +193,7 @@ class KVNode:
         app.add_subapp(
             RAFT_PREFIX,
             raft_app(
-                self._raft,
+                raft,
                 token=self.token,
                 cluster=self.cluster,
                 spool_dir=self.data_dir / "spool",
@@ -195,6 +204,10 @@ class KVNode:
         app.add_routes([openapi_route(RAFT_PREFIX)])
         guard = ConnectionGuard(self.connection_limits, peer_prefix=RAFT_PREFIX + "/")
         app.middlewares.append(guard.middleware)
+        return app, guard
+
+    async def serve(self, app: web.Application, guard: ConnectionGuard) -> None:
+        """Listen at ``host:port`` with ``app`` (from ``build_app``) until ``stop()``."""
         self._accept_errors = AcceptErrorFilter(self.connection_limits.log_interval)
         self._accept_errors.install()
         self._runner = web.AppRunner(
