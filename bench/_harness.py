@@ -156,7 +156,12 @@ class Children:
         raise SystemExit(128 + signum)
 
     def spawn(
-        self, name: str, argv: Sequence[str], *, stdin: int | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        stdin: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:
@@ -165,6 +170,7 @@ class Children:
                 stdout=subprocess.PIPE if stdin is not None else log,
                 stderr=log,
                 stdin=stdin,
+                env=env,
                 preexec_fn=_die_with_parent,
             )
         self.procs.append(proc)
