@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from raft_cluster import FAST, Cluster, cmd
 from raft_http.client import HttpNetworkFactory
-from raft_http.errors import NetworkError
+from raft_http.errors import NetworkError, RaftHttpError
 from raft_http.network import AppendStream, RPCOption, reset_error
 from raft_http.raft import ClientWriteResponse, MemoryLogStore, Raft, ServerState, SnapshotStore
 from raft_http.raft.engine.progress import Progress, ProgressState
@@ -219,6 +219,28 @@ async def test_a_batch_proposed_a_loop_turn_later_joins_the_request_being_built(
         requests = [indexes for t, indexes in sent if t == target]
         assert requests[0] == [a], requests
         assert [b, c] in requests, f"to node {target}: {requests}"
+
+
+@on_virtual_time
+async def test_a_replicator_cancelled_in_its_wait_leaves_no_waiter_behind(
+    cluster: Cluster, delay_line: None
+) -> None:
+    """Shutdown cancels replicators waiting on an answer and a wake-up: each wait's future
+    is unhooked from the wake flag, and a later ``set`` finds nothing to complete."""
+    leader = await cluster.initialized([1, 2, 3])
+    await leader.client_write(cmd(-1))
+    assert leader._leader is not None
+    replicators = list(leader._leader.replicators.values())
+    write = asyncio.create_task(leader.client_write(cmd(0)))
+    await asyncio.sleep(0.001)  # its request is in flight; each replicator waits for it
+    assert all(r.wake.waiter is not None for r in replicators)
+    await leader.shutdown()
+    assert all(r.task.done() for r in replicators)
+    assert all(r.wake.waiter is None for r in replicators)
+    for r in replicators:
+        r.wake.set()  # no waiter: nothing to complete, nothing raised
+    outcome = (await asyncio.gather(write, return_exceptions=True))[0]
+    assert isinstance(outcome, (ClientWriteResponse, RaftHttpError)), outcome
 
 
 # --- over HTTP: the WebSocket stream ------------------------------------------------------
