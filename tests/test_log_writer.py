@@ -8,14 +8,17 @@ in one store call, and each is answered ``Success`` only once its entries are du
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from raft_cluster import Cluster, cmd
 from raft_http.errors import Fatal
 from raft_http.raft import MemoryLogStore, Raft, SnapshotStore
 from raft_http.raft.log_writer import LogWriter
+from raft_http.raft.sqlite_store import SqliteLogStore
 from raft_http.raft.storage import StorageError
 from raft_http.testing import ListStateMachine
 from raft_http.types import (
@@ -524,3 +527,120 @@ async def test_shutdown_waits_for_the_log_write_in_progress(tmp_path: Path) -> N
     assert answer.done(), "shutdown returned before the AppendEntries handler ended"
     assert [e.log_id.index for e in await store.read_entries(0, 10)] == list(range(5))
     assert isinstance(await answer, Success)
+
+
+# --- inline appends: a follower's append on the loop's thread, when the store takes it -------
+
+
+class InlineStore(MemoryLogStore):
+    """A memory store with ``append_inline``, which takes a batch while ``take`` says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.take = True
+        self.fail: str | None = None
+        self.calls: list[tuple[str, list[int]]] = []
+
+    def append_inline(self, entries: Sequence[Entry]) -> bool:
+        self.calls.append(
+            ("inline" if self.take else "declined", [e.log_id.index for e in entries])
+        )
+        if self.fail is not None:
+            raise StorageError(self.fail)
+        if not self.take:
+            return False
+        self._append_now(entries)
+        return True
+
+    def _append_now(self, entries: Sequence[Entry]) -> None:
+        coro = super().append(entries)  # MemoryLogStore.append never awaits
+        with pytest.raises(StopIteration):
+            coro.send(None)
+
+    async def append(self, entries: Sequence[Entry]) -> None:
+        self.calls.append(("thread", [e.log_id.index for e in entries]))
+        await super().append(entries)
+
+
+async def test_inline_appends_are_written_inline_and_the_rest_as_before() -> None:
+    store = InlineStore()
+    errors: list[str] = []
+    writer = LogWriter(store, None, lambda: None, errors.append)
+    task = asyncio.create_task(writer.run())
+    try:
+        await writer.append(entries(1, 0, 2), inline=True)
+        await writer.append(entries(1, 2, 3))  # a leader's: never inline
+        store.take = False
+        await writer.append(entries(1, 3, 4), inline=True)  # declined: the usual call
+        store.take = True
+        # Queued in one loop turn they merge; one of them not inline, the batch is not.
+        await asyncio.gather(
+            writer.append(entries(1, 4, 5), inline=True), writer.append(entries(1, 5, 6))
+        )
+        await asyncio.gather(
+            writer.append(entries(1, 6, 7), inline=True),
+            writer.append(entries(1, 7, 8), inline=True),
+        )
+        assert store.calls == [
+            ("inline", [0, 1]),
+            ("thread", [2]),
+            ("declined", [3]),
+            ("thread", [3]),
+            ("thread", [4, 5]),
+            ("inline", [6, 7]),
+        ]
+        assert (writer.batches, writer.inline_batches) == (5, 2)  # a declined batch counts once
+        assert writer.flushed == lid(1, 7)
+        assert [e.log_id.index for e in await store.read_entries(0, 10)] == list(range(8))
+        assert not errors
+    finally:
+        await writer.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_an_inline_append_that_fails_stops_the_writer_like_any_other() -> None:
+    store = InlineStore()
+    store.fail = "the disk is gone"
+    errors: list[str] = []
+    writer = LogWriter(store, None, lambda: None, errors.append)
+    task = asyncio.create_task(writer.run())
+    failed = writer.append(entries(1, 0, 2), inline=True)
+    with pytest.raises(Fatal, match="the disk is gone"):
+        await failed
+    await asyncio.wait_for(task, 5)
+    assert errors
+    assert "the disk is gone" in errors[0]
+    with pytest.raises(Fatal):
+        await writer.append(entries(1, 0, 1), inline=True)
+    assert writer.flushed is None
+
+
+async def test_over_sqlite_followers_append_inline_and_the_leader_does_not(
+    tmp_path: Path,
+) -> None:
+    c = Cluster(tmp_path)
+    try:
+        for i in (1, 2, 3):
+            await c.start(i, await SqliteLogStore.open(tmp_path / f"log-{i}.db"))
+        await c.nodes[1].initialize({i: c.node(i) for i in (1, 2, 3)})
+        leader = await c.leader()
+        writes = [await leader.client_write(cmd(i)) for i in range(20)]
+        await c.wait_applied(writes[-1].log_id.index)
+        followers = [n for n in c.nodes.values() if n is not leader]
+        assert leader._writer.inline_batches == 0
+        assert leader._writer.batches >= 20
+        for follower in followers:
+            assert follower._writer.inline_batches >= 15, follower._writer.inline_batches
+        for i in (1, 2, 3):
+            await c.stop(i)
+            await c.stores[i].close()
+        for i in (1, 2, 3):
+            await c.start(i, await SqliteLogStore.open(tmp_path / f"log-{i}.db"))
+        leader = await c.leader()
+        await leader.ensure_linearizable()
+        assert c.machines[leader.id].applied == [{"n": i} for i in range(20)]
+    finally:
+        await c.close()
+        for store in c.stores.values():
+            with contextlib.suppress(Exception):
+                await store.close()

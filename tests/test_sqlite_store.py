@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +25,7 @@ from raft_http.raft.sqlite_store import SqliteLogStore
 from raft_http.raft.storage import LogState, StorageError
 from raft_http.types import (
     APPEND_ENTRIES_REQUEST,
+    ENTRY,
     AppendEntriesRequest,
     Entry,
     LeaderId,
@@ -218,3 +220,99 @@ def _read_back(path: Path) -> list[Entry]:
             await store.close()
 
     return asyncio.run(read())
+
+
+# --- append_inline: a small append on the caller's thread while the worker is idle ----------
+
+
+def _statement_threads(store: SqliteLogStore) -> list[int]:
+    """The thread ids that ran each INSERT on ``store``'s connection, from now on."""
+    threads: list[int] = []
+
+    def traced(statement: str) -> None:
+        if statement.startswith("INSERT INTO entries"):
+            threads.append(threading.get_ident())
+
+    store._conn.set_trace_callback(traced)
+    return threads
+
+
+async def test_append_inline_commits_on_the_calling_thread(tmp_path: Path) -> None:
+    store = await SqliteLogStore.open(tmp_path / "log.db")
+    threads = _statement_threads(store)
+    try:
+        assert store.append_inline([entry(0), entry(1)])
+        # Done on return: the state says so without an await, and it was this thread.
+        assert (await store.get_log_state()).last_log_id == entry(1).log_id
+        await store.append([entry(2)])  # the worker thread, as before
+        me = threading.get_ident()
+        assert threads[:2] == [me, me]  # one INSERT per row
+        assert len(threads) == 3
+        assert threads[2] != me
+        assert store.append_inline([])  # nothing to write
+    finally:
+        await store.close()
+    reopened = await SqliteLogStore.open(tmp_path / "log.db")
+    try:
+        assert [e.log_id.index for e in await reopened.read_entries(0, 10)] == [0, 1, 2]
+    finally:
+        await reopened.close()
+
+
+async def test_append_inline_declines_while_the_worker_has_a_call(tmp_path: Path) -> None:
+    """The connection is the worker's while a call is queued on it or running there, even
+    once the task awaiting that call was cancelled: the thread goes on with it. A call
+    cancelled before the worker started it never runs, and holds nothing."""
+    store = await SqliteLogStore.open(tmp_path / "log.db")
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait(5)
+
+    try:
+        await store.append([entry(0)])
+        running = asyncio.create_task(store._run(hold))
+        assert await asyncio.to_thread(started.wait, 5)
+        queued = asyncio.create_task(store._run(lambda: None))
+        await asyncio.sleep(0)
+        assert not store.append_inline([entry(1)])
+        queued.cancel()
+        running.cancel()
+        for task in (queued, running):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert not store.append_inline([entry(1)]), "the worker still runs the cancelled call"
+        assert (await store.get_log_state()).last_log_id == entry(0).log_id
+        gate.set()
+        deadline = time.monotonic() + 5
+        while not store.append_inline([entry(1)]):
+            assert time.monotonic() < deadline, "the worker never gave the connection back"
+            await asyncio.sleep(0.005)
+        assert [e.log_id.index for e in await store.read_entries(0, 10)] == [0, 1]
+    finally:
+        gate.set()
+        await store.close()
+
+
+async def test_append_inline_declines_a_batch_over_its_limit(tmp_path: Path) -> None:
+    one = len(ENTRY.encode(entry(0)))  # as the store encodes a row
+    store = await SqliteLogStore.open(tmp_path / "log.db", inline_append_bytes=2 * one + 1)
+    try:
+        assert not store.append_inline([entry(0), entry(1), entry(2)])
+        assert (await store.get_log_state()).last_log_id is None  # nothing written
+        assert store.append_inline([entry(0), entry(1)])
+        with pytest.raises(StorageError, match="out of order"):
+            store.append_inline([entry(5)])  # as ``append`` refuses it
+    finally:
+        await store.close()
+    never = await SqliteLogStore.open(tmp_path / "never.db", inline_append_bytes=0)
+    try:
+        assert not never.append_inline([entry(0)])
+        with pytest.raises(ValueError, match="inline_append_bytes"):
+            await SqliteLogStore.open(tmp_path / "bad.db", inline_append_bytes=-1)
+    finally:
+        await never.close()
+    closed = await SqliteLogStore.open(tmp_path / "closed.db")
+    await closed.close()
+    assert not closed.append_inline([entry(0)])

@@ -251,6 +251,13 @@ class InstrumentedLogStore(SqliteLogStore):
         await super().append(entries)
         self._observe("append", started)
 
+    def append_inline(self, entries: Sequence[Entry]) -> bool:
+        started = time.monotonic()
+        done = super().append_inline(entries)
+        if done and entries:
+            self._observe("append", started)
+        return done
+
     async def save_vote(self, vote: Vote) -> None:
         started = time.monotonic()
         await super().save_vote(vote)

@@ -23,6 +23,12 @@ The rules that keep this safe:
   fails with ``Fatal``, so no answer that depends on it is ever sent.
 - ``stop`` lets the write in progress finish (its files are then complete for the
   storage's owner to close) and fails what was queued behind it.
+
+An append queued with ``inline=True`` (a follower's, whose answer waits on it) is written
+on the event loop's thread when the store offers ``append_inline`` and takes it: no
+hand-off to a worker thread and back. A leader's append stays in the worker: the leader
+sends its entries before its own fsync, and a commit on the loop would hold those sends
+back behind it.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 class _Op:
-    __slots__ = ("entries", "future", "kind", "log_id", "since", "vote", "what")
+    __slots__ = ("entries", "future", "inline", "kind", "log_id", "since", "vote", "what")
 
     def __init__(self, kind: str, future: asyncio.Future[None]) -> None:
         self.kind = kind
@@ -51,6 +57,7 @@ class _Op:
         self.log_id: LogId | None = None
         self.vote: Vote | None = None
         self.what = "writing the log"
+        self.inline = False
 
 
 class LogWriter:
@@ -64,6 +71,9 @@ class LogWriter:
         on_error: Callable[[str], None],
     ) -> None:
         self._store = store
+        self._append_inline: Callable[[list[Entry]], bool] | None = getattr(
+            store, "append_inline", None
+        )
         self.flushed = flushed
         """The last log id of the durable log (every operation before it is done)."""
         self._on_flushed = on_flushed
@@ -76,12 +86,17 @@ class LogWriter:
         self._loop = asyncio.get_running_loop()
         self.batches = 0
         """Store calls made (a merged batch of appends counts once)."""
+        self.inline_batches = 0
+        """Of those, appends written on the event loop's thread (``append_inline``)."""
 
     # --- queueing (no await: the order of these calls is the order on disk) ---------
 
-    def append(self, entries: list[Entry]) -> asyncio.Future[None]:
+    def append(self, entries: list[Entry], *, inline: bool = False) -> asyncio.Future[None]:
+        """Queue an append; ``inline``: the caller waits on it, write it on the loop if the
+        store can (see the module's docstring)."""
         op = self._queue_op("append")
         op.entries = entries
+        op.inline = inline
         return op.future
 
     def truncate(self, since: int, last_kept: LogId | None) -> asyncio.Future[None]:
@@ -149,7 +164,10 @@ class LogWriter:
                 # leave it out). Cancelled by anything else (an event loop torn down without
                 # ``shutdown``), it fails the write's futures and does not wait for the
                 # store call; ``SqliteLogStore.close`` still runs after it, on the same thread.
-                await self._write(ops)
+                if self._written_inline(ops):
+                    self.inline_batches += 1
+                else:
+                    await self._write(ops)
             except StorageError as e:
                 self._fail(f"{ops[0].what} failed: {e}", ops)
                 self._on_error(self._failed or str(e))
@@ -173,6 +191,18 @@ class LogWriter:
             while queue and queue[0].kind == "append":
                 ops.append(queue.popleft())
         return ops
+
+    def _written_inline(self, ops: list[_Op]) -> bool:
+        """Write ``ops`` on this thread if they are all inline appends and the store takes them."""
+        append_inline = self._append_inline
+        if append_inline is None or ops[0].kind != "append":
+            return False
+        for op in ops:
+            if not op.inline:
+                return False
+        if len(ops) == 1:
+            return append_inline(ops[0].entries)
+        return append_inline([e for o in ops for e in o.entries])
 
     def _write(self, ops: list[_Op]) -> Coroutine[Any, Any, None]:
         op = ops[0]

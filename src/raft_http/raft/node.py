@@ -1023,7 +1023,7 @@ class Raft:
             # and commit it as a later leader. Their fate is known when the index is applied.
         if not new:
             return
-        self._writer.append(new)
+        self._writer.append(new, inline=True)  # our answer to the leader waits on it
         self.log.append(new)
         self._memberships.track(new)
         self._update_role()

@@ -10,6 +10,11 @@ Why this shape:
 - The log state (first and last log ids) and the vote are cached, updated by the
   worker right after each commit, so reads of them cost no thread hop and stay
   correct even when the awaiting task is cancelled mid-write.
+- ``append_inline`` is the one exception: a small append made while the worker thread
+  has nothing queued or running runs on the calling thread. A follower's answer to its
+  leader waits on that commit anyway, and the two hand-offs to the worker and back cost
+  more than the commit (measured: about 0.4 ms each way on a busy 2-core machine,
+  against 0.3-0.9 ms for the commit).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import concurrent.futures
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -45,6 +50,9 @@ CREATE TABLE IF NOT EXISTS meta (
 _LOG_ID_OR_NONE: Final = msgspec.json.Decoder(LogId | None)
 _ENCODER: Final = msgspec.json.Encoder()
 
+DEFAULT_INLINE_APPEND_BYTES: Final = 256 * 1024
+"""The largest append (encoded entries) ``append_inline`` writes on the calling thread."""
+
 _VOTE_KEY: Final = "vote"
 _COMMITTED_KEY: Final = "committed"
 _PURGED_KEY: Final = "last_purged_log_id"
@@ -58,23 +66,37 @@ class SqliteLogStore:
         path: Path,
         executor: concurrent.futures.ThreadPoolExecutor,
         conn: sqlite3.Connection,
+        inline_append_bytes: int = DEFAULT_INLINE_APPEND_BYTES,
     ) -> None:
         """Use ``open``: this only wires up a connection already made on ``executor``'s thread."""
         self.path = path
         self._executor = executor
         self._conn = conn
+        self._inline_append_bytes = inline_append_bytes
+        # Calls handed to the worker thread (counted by the loop's thread), calls it has
+        # finished (by the worker), calls cancelled before they started (by the loop's
+        # thread). Each counter has one writer; until the first equals the other two
+        # together, the connection belongs to the worker.
+        self._submitted = 0
+        self._finished = 0
+        self._dropped = 0
         self._vote: Vote | None = None
         self._committed: LogId | None = None
         self._state = LogState(last_purged_log_id=None, last_log_id=None)
         self._closed = False
 
     @classmethod
-    async def open(cls, path: str | Path) -> SqliteLogStore:
+    async def open(
+        cls, path: str | Path, *, inline_append_bytes: int = DEFAULT_INLINE_APPEND_BYTES
+    ) -> SqliteLogStore:
         """Open (or create, with its parent directories) the log at ``path``.
 
         Checks on the way that the stored log is a consecutive run of indexes
         following the last purged one; raises ``StorageError`` if not.
+        ``inline_append_bytes`` bounds ``append_inline`` (0: never on the caller's thread).
         """
+        if inline_append_bytes < 0:
+            raise ValueError(f"inline_append_bytes must be >= 0, got {inline_append_bytes!r}")
         path = Path(path)
         executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"sqlite-log-{path.name}"
@@ -87,7 +109,7 @@ class SqliteLogStore:
             if isinstance(exc, sqlite3.Error | OSError):
                 raise StorageError(f"cannot open the log at {path}: {exc}") from exc
             raise
-        store = cls(path, executor, conn)
+        store = cls(path, executor, conn, inline_append_bytes)
         try:
             await store._run(store._load)
         except BaseException:
@@ -162,15 +184,14 @@ class SqliteLogStore:
 
     def _append(self, entries: Sequence[Entry]) -> None:
         check_append(self._state, entries)
-        rows = [
-            (e.log_id.index, e.log_id.leader_id.term, e.log_id.leader_id.node_id, ENTRY.encode(e))
-            for e in entries
-        ]
+        self._insert(_rows(entries), entries[-1].log_id)
+
+    def _insert(self, rows: list[_Row], last: LogId) -> None:
         with self._conn:
             self._conn.executemany(
                 "INSERT INTO entries (idx, term, node_id, payload) VALUES (?, ?, ?, ?)", rows
             )
-        self._state = LogState(self._state.last_purged_log_id, entries[-1].log_id)
+        self._state = LogState(self._state.last_purged_log_id, last)
 
     def _truncate(self, since: int) -> None:
         with self._conn:
@@ -194,14 +215,61 @@ class SqliteLogStore:
         if self._closed:
             raise StorageError(f"the log store {self.path} is closed")
         loop = asyncio.get_running_loop()
+        self._submitted += 1
         try:
-            future = loop.run_in_executor(self._executor, fn, *args)
+            call = self._executor.submit(self._counted, fn, args)
         except RuntimeError as exc:  # the executor was shut down under us
+            self._submitted -= 1
             raise StorageError(f"the log store {self.path} is closed") from exc
+        call.add_done_callback(self._count_dropped)
         try:
-            return await future
+            return await asyncio.wrap_future(call, loop=loop)
         except (sqlite3.Error, msgspec.DecodeError, OSError) as exc:
             raise StorageError(f"the log store {self.path} failed: {exc}") from exc
+
+    def _counted(self, fn: Callable[..., T], args: tuple[object, ...]) -> T:
+        """Run ``fn`` on the worker; count it finished only once it has let go of the connection.
+
+        Counted here, not where the call is awaited: a cancelled awaiter leaves the call
+        running, and ``append_inline`` must not touch the connection until it is done.
+        """
+        try:
+            return fn(*args)
+        finally:
+            self._finished += 1
+
+    def _count_dropped(self, call: concurrent.futures.Future[Any]) -> None:
+        # Cancelled only by the loop's thread, when its awaiter is cancelled before the
+        # worker started the call (the worker then never runs ``_counted`` for it).
+        if call.cancelled():
+            self._dropped += 1
+
+    @property
+    def _worker_idle(self) -> bool:
+        return self._submitted == self._finished + self._dropped
+
+    def append_inline(self, entries: Sequence[Entry]) -> bool:
+        """Append ``entries`` (one durable commit) on the calling thread; False if not done.
+
+        Done only when no call is queued on or running in the worker thread, so the
+        connection is this thread's alone and no queued call is overtaken, and when the
+        encoded entries come to at most ``inline_append_bytes``. It blocks the event loop
+        for one commit, an fsync: use it where the next step waits on that commit anyway.
+        Raises ``StorageError`` as ``append`` does.
+        """
+        if not entries:
+            return True
+        if self._closed or not self._worker_idle:
+            return False
+        check_append(self._state, entries)
+        rows = _rows(entries)
+        if sum(len(row[3]) for row in rows) > self._inline_append_bytes:
+            return False
+        try:
+            self._insert(rows, entries[-1].log_id)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"the log store {self.path} failed: {exc}") from exc
+        return True
 
     async def read_vote(self) -> Vote | None:
         if self._closed:
@@ -257,7 +325,9 @@ class SqliteLogStore:
 def _connect(path: Path) -> sqlite3.Connection:
     """Open the database on the calling (worker) thread, in WAL mode with fsync on commit."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=True)
+    # Used by the worker thread, and by ``append_inline`` on the loop's thread while the
+    # worker has nothing to do (``_submitted == _finished``): never by both at once.
+    conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -268,3 +338,13 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+_Row = tuple[int, int, int, bytes]
+
+
+def _rows(entries: Sequence[Entry]) -> list[_Row]:
+    return [
+        (e.log_id.index, e.log_id.leader_id.term, e.log_id.leader_id.node_id, ENTRY.encode(e))
+        for e in entries
+    ]

@@ -5,6 +5,12 @@ makes every log write (``append``, ``truncate``, ``purge``, ``save_vote``) from 
 one at a time, in order (``LogWriter``), and awaits each call; implementations must
 never block the event loop (do file or database work in a worker thread) and
 must have made a write durable before the awaitable returns.
+
+One optional method is not in the protocol: ``append_inline(entries) -> bool``, a
+synchronous append (durable on return) that the store may decline by returning False.
+The core calls it, where it has one, for a follower's appends, whose answer waits on
+the commit anyway; ``SqliteLogStore`` takes small appends while its worker thread is
+idle, and saves the two thread hand-offs.
 """
 
 from __future__ import annotations
