@@ -81,6 +81,8 @@ class SimReport:
     messages: collections.Counter[str] = field(default_factory=collections.Counter)
     transfers: collections.Counter[str] = field(default_factory=collections.Counter)
     """Leadership transfers by target ("to" a node, or "any") and outcome."""
+    log_writes: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Durable log writes by where they ran: ``append_inline`` or the store's awaited calls."""
     violation: str | None = None
     linearizability: CheckResult | None = None
 
@@ -165,6 +167,9 @@ class Simulation:
             self.report.steps = loop.steps
             self.report.trace = self.router.trace.hexdigest()
             self.report.messages = self.router.counts
+            for disk in self.disks.values():
+                self.report.log_writes["inline"] += disk.inline_writes
+                self.report.log_writes["worker"] += disk.writes - disk.inline_writes
         return self.report
 
     async def _main(self, scenario: Callable[[Simulation], Awaitable[None]] | None) -> None:

@@ -37,6 +37,7 @@ class SimDisk:
     committed: LogId | None = None  # durable; log._committed is the unflushed value
     snapshot: tuple[SnapshotMeta, bytes, str] | None = None
     writes: int = 0
+    inline_writes: int = 0
     lost_writes: int = 0
 
 
@@ -125,6 +126,20 @@ class SimLogStore:
         check_append(self.disk.log._state, entries)
         entries = list(entries)
         await self._durable(lambda: self.disk.log.append(entries))
+
+    def append_inline(self, entries: Sequence[Entry]) -> bool:
+        """As ``SqliteLogStore`` does: taken only with no write in flight, then durable at
+        once (the loop is blocked for the fsync, so no crash falls inside it); declined at
+        random otherwise, as a batch over its byte limit is."""
+        if self.dead or self._in_flight or self._rng.random() < 0.3:
+            return False
+        check_append(self.disk.log._state, entries)
+        entries = list(entries)
+        _run_now(self.disk.log.append(entries))
+        self.disk.committed = self.disk.log._committed  # an fsync flushes it too
+        self.disk.writes += 1
+        self.disk.inline_writes += 1
+        return True
 
     async def truncate(self, since: int) -> None:
         await self._durable(lambda: self.disk.log.truncate(since))

@@ -21,6 +21,7 @@ class Totals:
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     messages: collections.Counter[str] = field(default_factory=collections.Counter)
     transfers: collections.Counter[str] = field(default_factory=collections.Counter)
+    log_writes: collections.Counter[str] = field(default_factory=collections.Counter)
     violations: list[str] = field(default_factory=list)
 
     def add(self, report: SimReport, cpu_seconds: float) -> None:
@@ -34,6 +35,7 @@ class Totals:
         self.faults.update(report.faults)
         self.messages.update(report.messages)
         self.transfers.update(report.transfers)
+        self.log_writes.update(report.log_writes)
         if report.violation:
             self.violations.append(f"seed {report.seed}: {report.violation[:200]}")
 
@@ -49,6 +51,8 @@ class Totals:
             f"faults injected: {sum(self.faults.values())} ({faults})",
             f"messages: {messages}",
             f"leadership transfers: {sum(self.transfers.values())} ({transfers})",
+            f"durable log writes: {self.log_writes['inline']} inline (append_inline),"
+            f" {self.log_writes['worker']} awaited",
             f"violations: {len(self.violations)}",
             *self.violations,
         ]
