@@ -316,3 +316,43 @@ async def test_append_inline_declines_a_batch_over_its_limit(tmp_path: Path) -> 
     closed = await SqliteLogStore.open(tmp_path / "closed.db")
     await closed.close()
     assert not closed.append_inline([entry(0)])
+
+
+class _FailingReturnToFsync:
+    """A connection on which turning fsync back on fails (a disk I/O error, say)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "PRAGMA synchronous = FULL":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.execute(sql, *args)
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self._conn.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.__exit__(*exc)
+
+
+async def test_a_store_left_without_fsync_refuses_every_later_write(tmp_path: Path) -> None:
+    """The commit index is saved without an fsync. Should the connection then fail to go
+    back to ``synchronous=FULL``, the core shrugs off that save's error, so the store
+    itself must refuse later writes rather than commit them without an fsync."""
+    store = await SqliteLogStore.open(tmp_path / "log.db")
+    real = store._conn
+    try:
+        await store.append([entry(0)])
+        store._conn = _FailingReturnToFsync(real)  # type: ignore[assignment]
+        with pytest.raises(StorageError, match="disk I/O error"):
+            await store.save_committed(entry(0).log_id)
+        store._conn = real
+        with pytest.raises(StorageError, match="fsync back on"):
+            await store.append([entry(1)])
+        with pytest.raises(StorageError, match="fsync back on"):
+            store.append_inline([entry(1)])
+        assert (await store.get_log_state()).last_log_id == entry(0).log_id
+    finally:
+        store._conn = real
+        await store.close()

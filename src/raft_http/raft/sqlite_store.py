@@ -5,16 +5,19 @@ Why this shape:
 - ``synchronous=FULL`` in WAL mode fsyncs the WAL on every commit, so a vote or an
   appended batch is on disk before the awaitable returns (Raft's "persist before
   answering"). Each ``append`` is one transaction: one fsync per batch, not per entry.
-- ``sqlite3`` blocks, so every call runs on a single dedicated thread that owns the
-  connection; the event loop never waits on the disk, and calls are serialized.
-- The log state (first and last log ids) and the vote are cached, updated by the
-  worker right after each commit, so reads of them cost no thread hop and stay
-  correct even when the awaiting task is cancelled mid-write.
+- ``sqlite3`` blocks, so every awaited call runs on a single dedicated worker thread;
+  the event loop never waits on the disk for those, and calls are serialized.
 - ``append_inline`` is the one exception: a small append made while the worker thread
-  has nothing queued or running runs on the calling thread. A follower's answer to its
-  leader waits on that commit anyway, and the two hand-offs to the worker and back cost
-  more than the commit (measured: about 0.4 ms each way on a busy 2-core machine,
-  against 0.3-0.9 ms for the commit).
+  has nothing queued or running runs on the calling thread, the loop's, which it blocks
+  for one commit. A follower's answer to its leader waits on that commit anyway, and
+  the two hand-offs to the worker and back cost more than the commit (measured: about
+  0.4 ms each way on a busy 2-core machine, against 0.3-0.9 ms for the commit).
+- The log state (first and last log ids) and the vote are cached, updated right after
+  each commit by the thread that made it, so reads of them cost no thread hop and stay
+  correct even when the awaiting task is cancelled mid-write.
+- The commit index is saved with ``synchronous=NORMAL`` (no fsync) and the connection
+  set back to ``FULL`` after. Should that fail, the store refuses every later call
+  rather than go on committing without an fsync.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class SqliteLogStore:
         self._submitted = 0
         self._finished = 0
         self._dropped = 0
+        self._unsafe: str | None = None  # why durable writes can no longer be promised
         self._vote: Vote | None = None
         self._committed: LogId | None = None
         self._state = LogState(last_purged_log_id=None, last_log_id=None)
@@ -117,7 +121,8 @@ class SqliteLogStore:
             raise
         return store
 
-    # --- the worker thread's side (every method below runs on it) -----------------
+    # --- the worker thread's side (every method below runs on it; ``_insert`` also
+    # runs on the loop's thread, from ``append_inline``) ----------------------------
 
     def _load(self) -> None:
         conn = self._conn
@@ -166,7 +171,13 @@ class SqliteLogStore:
             with conn:
                 self._put_meta(_COMMITTED_KEY, _ENCODER.encode(committed))
         finally:
-            conn.execute("PRAGMA synchronous = FULL")
+            try:
+                conn.execute("PRAGMA synchronous = FULL")
+            except sqlite3.Error as exc:
+                # The core shrugs off a failed commit-index save; a connection left
+                # without fsyncs must not be: every later call fails (``_check_usable``).
+                self._unsafe = f"cannot turn fsync back on after saving the commit index: {exc}"
+                raise
         self._committed = committed
 
     def _read_entries(self, start: int, stop: int) -> list[Entry]:
@@ -211,9 +222,14 @@ class SqliteLogStore:
 
     # --- the event loop's side ------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+    def _check_usable(self) -> None:
         if self._closed:
             raise StorageError(f"the log store {self.path} is closed")
+        if self._unsafe is not None:
+            raise StorageError(f"the log store {self.path} failed: {self._unsafe}")
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        self._check_usable()
         loop = asyncio.get_running_loop()
         self._submitted += 1
         try:
@@ -261,6 +277,7 @@ class SqliteLogStore:
             return True
         if self._closed or not self._worker_idle:
             return False
+        self._check_usable()
         check_append(self._state, entries)
         rows = _rows(entries)
         if sum(len(row[3]) for row in rows) > self._inline_append_bytes:
@@ -326,7 +343,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     """Open the database on the calling (worker) thread, in WAL mode with fsync on commit."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Used by the worker thread, and by ``append_inline`` on the loop's thread while the
-    # worker has nothing to do (``_submitted == _finished``): never by both at once.
+    # worker has nothing queued or running (``_worker_idle``): never by both at once.
     conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]

@@ -6,11 +6,19 @@ one at a time, in order (``LogWriter``), and awaits each call; implementations m
 never block the event loop (do file or database work in a worker thread) and
 must have made a write durable before the awaitable returns.
 
-One optional method is not in the protocol: ``append_inline(entries) -> bool``, a
-synchronous append (durable on return) that the store may decline by returning False.
-The core calls it, where it has one, for a follower's appends, whose answer waits on
-the commit anyway; ``SqliteLogStore`` takes small appends while its worker thread is
-idle, and saves the two thread hand-offs.
+One optional method is not in the protocol, and is the one exception to "never block
+the event loop": ``append_inline(entries) -> bool``. The core calls it, where a store
+has it, for a follower's appends, whose answer waits on the commit anyway, through the
+same ordered writer as every other write. A store that offers it must:
+
+- return True only once the entries are durable, as ``append``'s return means;
+- return False, having changed nothing, when it would rather not (then ``append`` is
+  called): always while any earlier call of the store is still running, even one whose
+  awaiting task was cancelled, so that nothing is overtaken or run concurrently;
+- raise ``StorageError`` where ``append`` would.
+
+``SqliteLogStore`` takes appends of up to 256 KiB while its worker thread is idle, and
+saves the two thread hand-offs; the loop waits for one commit meanwhile.
 """
 
 from __future__ import annotations
