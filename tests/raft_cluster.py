@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from raft_http.raft import Config, MemoryLogStore, Raft, RaftMetrics, ServerState, SnapshotStore
+from raft_http.raft.sqlite_store import SqliteLogStore
 from raft_http.raft.storage import LogStore
 from raft_http.testing import ListStateMachine, MemoryRouter
 from raft_http.types import (
@@ -114,6 +116,35 @@ class Cluster:
     async def close(self) -> None:
         for node_id in list(self.nodes):
             await self.stop(node_id)
+
+
+@contextlib.asynccontextmanager
+async def sqlite_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Nodes 1-3 on ``SqliteLogStore`` files in ``tmp_path``, initialized; stores closed after."""
+    c = Cluster(tmp_path)
+    try:
+        await start_on_sqlite(c, tmp_path)
+        await c.nodes[1].initialize({i: c.node(i) for i in (1, 2, 3)})
+        yield c
+    finally:
+        await c.close()
+        for store in c.stores.values():
+            with contextlib.suppress(Exception):
+                await store.close()
+
+
+async def start_on_sqlite(c: Cluster, tmp_path: Path) -> None:
+    for i in (1, 2, 3):
+        await c.start(i, await SqliteLogStore.open(tmp_path / f"log-{i}.db"))
+
+
+async def restart_on_sqlite(c: Cluster, tmp_path: Path) -> Raft:
+    """Stop every node and close its store, start them again on the same files; the leader."""
+    for i in (1, 2, 3):
+        await c.stop(i)
+        await c.stores[i].close()
+    await start_on_sqlite(c, tmp_path)
+    return await c.leader()
 
 
 class GrantingPeer:

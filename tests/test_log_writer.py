@@ -8,17 +8,15 @@ in one store call, and each is answered ``Success`` only once its entries are du
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from raft_cluster import Cluster, cmd
+from raft_cluster import cmd, restart_on_sqlite, sqlite_cluster
 from raft_http.errors import Fatal
 from raft_http.raft import MemoryLogStore, Raft, SnapshotStore
 from raft_http.raft.log_writer import LogWriter
-from raft_http.raft.sqlite_store import SqliteLogStore
 from raft_http.raft.storage import StorageError
 from raft_http.testing import ListStateMachine
 from raft_http.types import (
@@ -618,11 +616,7 @@ async def test_an_inline_append_that_fails_stops_the_writer_like_any_other() -> 
 async def test_over_sqlite_followers_append_inline_and_the_leader_does_not(
     tmp_path: Path,
 ) -> None:
-    c = Cluster(tmp_path)
-    try:
-        for i in (1, 2, 3):
-            await c.start(i, await SqliteLogStore.open(tmp_path / f"log-{i}.db"))
-        await c.nodes[1].initialize({i: c.node(i) for i in (1, 2, 3)})
+    async with sqlite_cluster(tmp_path) as c:
         leader = await c.leader()
         writes = [await leader.client_write(cmd(i)) for i in range(20)]
         await c.wait_applied(writes[-1].log_id.index)
@@ -631,16 +625,6 @@ async def test_over_sqlite_followers_append_inline_and_the_leader_does_not(
         assert leader._writer.batches >= 20
         for follower in followers:
             assert follower._writer.inline_batches >= 15, follower._writer.inline_batches
-        for i in (1, 2, 3):
-            await c.stop(i)
-            await c.stores[i].close()
-        for i in (1, 2, 3):
-            await c.start(i, await SqliteLogStore.open(tmp_path / f"log-{i}.db"))
-        leader = await c.leader()
+        leader = await restart_on_sqlite(c, tmp_path)  # and every acknowledged write is on disk
         await leader.ensure_linearizable()
         assert c.machines[leader.id].applied == [{"n": i} for i in range(20)]
-    finally:
-        await c.close()
-        for store in c.stores.values():
-            with contextlib.suppress(Exception):
-                await store.close()

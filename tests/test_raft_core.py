@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from raft_cluster import FAST, Cluster, GrantingPeer, cmd, snapshotting
+from raft_cluster import (
+    FAST,
+    Cluster,
+    GrantingPeer,
+    cmd,
+    restart_on_sqlite,
+    snapshotting,
+    sqlite_cluster,
+)
 from raft_http.errors import Fatal
 from raft_http.raft import (
     Config,
@@ -19,7 +26,6 @@ from raft_http.raft import (
     NotAllowed,
     QuorumNotEnough,
     ServerState,
-    SqliteLogStore,
     StorageError,
     WriteAborted,
 )
@@ -263,27 +269,13 @@ async def test_restart_keeps_vote_log_and_state(cluster: Cluster) -> None:
 
 
 async def test_restart_from_sqlite(tmp_path: Path) -> None:
-    c = Cluster(tmp_path)
-    try:
-        for i in (1, 2, 3):
-            await c.start(i, await SqliteLogStore.open(tmp_path / f"log-{i}.db"))
-        await c.nodes[1].initialize({i: c.node(i) for i in (1, 2, 3)})
+    async with sqlite_cluster(tmp_path) as c:
         leader = await c.leader()
         writes = [await leader.client_write(cmd(i)) for i in range(5)]
         await c.wait_applied(writes[-1].log_id.index)
-        for i in (1, 2, 3):
-            await c.stop(i)
-            await c.stores[i].close()
-        for i in (1, 2, 3):
-            await c.start(i, await SqliteLogStore.open(tmp_path / f"log-{i}.db"))
-        leader = await c.leader()
+        leader = await restart_on_sqlite(c, tmp_path)
         await leader.ensure_linearizable()
         assert c.machines[leader.id].applied == [{"n": i} for i in range(5)]
-    finally:
-        await c.close()
-        for store in c.stores.values():
-            with contextlib.suppress(Exception):
-                await store.close()
 
 
 async def test_add_learner_then_change_membership_and_remove_the_leader(
