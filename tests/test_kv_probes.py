@@ -247,6 +247,14 @@ async def test_probes_and_prometheus_metrics_on_a_cluster(
     # The leader's AppendEntries arrive on one open WebSocket (answered when it closes).
     assert ls["raft_http_pending_requests", (("route", "/raft/append-stream"),)] >= 1
 
+    # A follower commits most appends on its loop (append_inline): those are timed too.
+    follower = peers[1]
+    inline = follower.raft._writer.inline_batches
+    assert inline > 0
+    _, (_, follower_text) = await get(session, follower.url + "/metrics", Accept="text/plain")
+    fs = scrape(follower_text)
+    assert fs["raft_http_log_fsync_duration_seconds_count", (("op", "append"),)] >= inline
+
     # OpenMetrics to a Prometheus scrape.
     status, (content_type, text) = await get(
         session, leader.url + "/metrics", Accept=PROMETHEUS_ACCEPT

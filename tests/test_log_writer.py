@@ -613,6 +613,22 @@ async def test_an_inline_append_that_fails_stops_the_writer_like_any_other() -> 
     assert writer.flushed is None
 
 
+async def test_a_follower_whose_inline_append_fails_refuses_and_stops(tmp_path: Path) -> None:
+    store = InlineStore()
+    raft = await lone_follower(tmp_path, ListStateMachine(), store)
+    try:
+        first = append_rpc(None, [initial_entry(), *entries(1, 1, 3)], None)
+        assert isinstance(await raft.append_entries(first), Success)
+        assert store.calls[-1] == ("inline", [0, 1, 2])
+        store.fail = "the disk is gone"
+        with pytest.raises(Fatal, match="the disk is gone"):
+            await raft.append_entries(append_rpc(lid(1, 2), entries(1, 3, 5), None))
+        assert raft.metrics().fatal is not None
+        assert [e.log_id.index for e in await store.read_entries(0, 10)] == [0, 1, 2]
+    finally:
+        await raft.shutdown()
+
+
 async def test_over_sqlite_followers_append_inline_and_the_leader_does_not(
     tmp_path: Path,
 ) -> None:
